@@ -1,0 +1,187 @@
+"""The forward-mode engine every activation-space estimator is composed from.
+
+One forward pass records each site's input ``x_l`` and value ``s_l`` and the
+linear map ``ds_{l-1} -> ds_l`` between consecutive sites (``jax.linearize``
+of one layer). Directional derivatives of the per-example losses are then
+pushes of guessed site tangents through those maps:
+
+* joint mode: every site perturbed in one pass,
+  ``d_b = sum_l <dl_b/ds_l, y_{l,b}>``;
+* per-layer mode: one derivative per site, ``d_{l,b} = <dl_b/ds_l, y_{l,b}>``,
+  each site's tangent pushed only through the layers after it.
+
+Parameter estimates come from the VJP of each site's own map only
+(``dW_l = sum_b g_{l,b} x_{l,b}^T / B`` for a dense layer): nothing flows
+between layers in reverse.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from guessgrad._src.base import Array, Batch, Params
+from guessgrad._src.models import ChainFns
+
+MODES = ("joint", "per_layer")
+
+
+def per_example_loss(logits: Array, labels: Array) -> Array:
+    """Softmax cross-entropy per example: [B, C], [B] -> [B]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def validate_batch(batch: Batch) -> tuple[Array, Array]:
+    """Checks a batch and returns ``(image, label)``; raises a ValueError saying what is expected."""
+    if not hasattr(batch, "keys") or "image" not in batch or "label" not in batch:
+        got = sorted(batch.keys()) if hasattr(batch, "keys") else type(batch).__name__
+        raise ValueError(
+            f'A batch must be a dict with "image" ([B, ...] float) and "label" ([B] int); got {got}.'
+        )
+    image, label = batch["image"], batch["label"]
+    if jnp.ndim(image) < 2 or not jnp.issubdtype(jnp.result_type(image), jnp.floating):
+        raise ValueError(
+            f'batch["image"] must be a floating array of shape [B, ...]; got shape '
+            f"{jnp.shape(image)} and dtype {jnp.result_type(image)} (normalise uint8 "
+            f"images first, e.g. with guessgrad.data.normalize)."
+        )
+    if jnp.ndim(label) != 1 or not jnp.issubdtype(jnp.result_type(label), jnp.integer):
+        raise ValueError(
+            f'batch["label"] must be an integer array of shape [B]; got shape '
+            f"{jnp.shape(label)} and dtype {jnp.result_type(label)}."
+        )
+    if jnp.shape(label)[0] != jnp.shape(image)[0]:
+        raise ValueError(
+            f'batch["image"] has {jnp.shape(image)[0]} examples but batch["label"] has '
+            f"{jnp.shape(label)[0]}."
+        )
+    return image, label
+
+
+def split_params(fns: ChainFns, params: Params) -> tuple[Params, ...]:
+    """``model.init`` output -> one parameter tree per site, checking its structure."""
+    if not hasattr(params, "keys") or set(params.keys()) != {"params"}:
+        got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
+        raise ValueError(f'params must be what model.init returns, {{"params": ...}}; got {got}.')
+    inner = params["params"]
+    if set(inner.keys()) != set(fns.names):
+        raise ValueError(
+            f"params['params'] has entries {sorted(inner.keys())} but the model's site maps are "
+            f"{list(fns.names)}."
+        )
+    return tuple(inner[name] for name in fns.names)
+
+
+def join_params(fns: ChainFns, layer_trees: Sequence[Params]) -> Params:
+    """Inverse of :func:`split_params`."""
+    return {"params": dict(zip(fns.names, layer_trees))}
+
+
+class Trace(NamedTuple):
+    """What one forward pass records.
+
+    Attributes:
+      inputs: ``x_l``, the input of site map ``l`` (``x_0`` is the preprocessed image).
+      sites: ``s_l``, the output of site map ``l``; ``sites[-1]`` are the logits.
+      losses: per-example losses ``l_b``, [B].
+      tangent_maps: ``tangent_maps[l - 1]`` maps a tangent at ``s_{l-1}`` to ``s_l``.
+      loss_map: maps a tangent at the logits to the per-example loss tangents [B].
+    """
+
+    inputs: tuple[Array, ...]
+    sites: tuple[Array, ...]
+    losses: Array
+    tangent_maps: tuple[Callable[[Array], Array], ...]
+    loss_map: Callable[[Array], Array]
+
+
+def forward(fns: ChainFns, layer_params: Sequence[Params], x0: Array, labels: Array) -> Trace:
+    """Runs the chain once, linearising each layer and the loss on the way."""
+    site = fns.site_fns[0](layer_params[0], x0)
+    inputs, sites, tangent_maps = [x0], [site], []
+    for index in range(1, fns.num_sites):
+
+        def step(prev_site, index=index):
+            return fns.site_fns[index](layer_params[index], fns.activation(prev_site))
+
+        inputs.append(fns.activation(sites[-1]))
+        site, tangent_map = jax.linearize(step, sites[-1])
+        sites.append(site)
+        tangent_maps.append(tangent_map)
+    losses, loss_map = jax.linearize(lambda logits: per_example_loss(logits, labels), sites[-1])
+    return Trace(tuple(inputs), tuple(sites), losses, tuple(tangent_maps), loss_map)
+
+
+def joint_derivative(trace: Trace, tangents: Sequence[Array]) -> Array:
+    """``d_b = sum_l <dl_b/ds_l, tangents[l]_b>`` from one tangent pass: -> [B]."""
+    tangent = tangents[0]
+    for tangent_map, site_tangent in zip(trace.tangent_maps, tangents[1:]):
+        tangent = tangent_map(tangent) + site_tangent
+    return trace.loss_map(tangent)
+
+
+def per_site_derivatives(trace: Trace, tangents: Sequence[Array]) -> tuple[Array, ...]:
+    """``d_{l,b} = <dl_b/ds_l, tangents[l]_b>`` for every site: a tuple of [B].
+
+    Site ``l``'s tangent is pushed only through the maps after it, so the tangent
+    work is triangular in depth rather than depth squared.
+    """
+    derivatives = []
+    for index, tangent in enumerate(tangents):
+        for tangent_map in trace.tangent_maps[index:]:
+            tangent = tangent_map(tangent)
+        derivatives.append(trace.loss_map(tangent))
+    return tuple(derivatives)
+
+
+def site_gradient_estimates(
+    trace: Trace, guesses: Sequence[Array], mode: str
+) -> tuple[Array, ...]:
+    """``g_{l,b} = d_b y_{l,b}`` (joint) or ``d_{l,b} y_{l,b}`` (per_layer)."""
+    if mode == "joint":
+        derivative = joint_derivative(trace, guesses)
+        scales = [derivative] * len(guesses)
+    elif mode == "per_layer":
+        scales = per_site_derivatives(trace, guesses)
+    else:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+    return tuple(_scale_examples(s, y) for s, y in zip(scales, guesses))
+
+
+def local_parameter_grads(
+    fns: ChainFns,
+    layer_params: Sequence[Params],
+    inputs: Sequence[Array],
+    site_grads: Sequence[Array],
+) -> tuple[Params, ...]:
+    """Parameter gradients from site gradients through each site map's own VJP.
+
+    ``site_grads[l]`` estimates ``dl_b/ds_l`` per example; the batch loss is the
+    mean, hence the ``1/B``.
+    """
+    grads = []
+    for site_fn, theta, x, g in zip(fns.site_fns, layer_params, inputs, site_grads):
+        _, vjp = jax.vjp(lambda p, site_fn=site_fn, x=x: site_fn(p, x), theta)
+        (grad,) = vjp(g / g.shape[0])
+        grads.append(grad)
+    return tuple(grads)
+
+
+def normalize_per_example(y: Array) -> Array:
+    """Rescales each example's guess to norm ``sqrt(n)`` (n = its size); zero stays zero."""
+    flat = y.reshape(y.shape[0], -1)
+    norm = jnp.linalg.norm(flat, axis=-1)
+    scale = jnp.where(norm > 0, jnp.sqrt(flat.shape[-1]) / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return _scale_examples(scale.astype(y.dtype), y)
+
+
+def _scale_examples(scale: Array, y: Array) -> Array:
+    """[B] * [B, ...] -> [B, ...]."""
+    return scale.reshape(scale.shape + (1,) * (y.ndim - 1)) * y
+
+
+def accuracy(logits: Array, labels: Array) -> Array:
+    return jnp.mean(jnp.argmax(logits, axis=-1) == labels)

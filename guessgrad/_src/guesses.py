@@ -1,0 +1,235 @@
+"""Guess rules: what each method believes ``dl_b/ds_l`` looks like.
+
+A rule sees only what is known at guess time (a :class:`GuessContext`:
+weights, site values, activations, random numbers), never the label or the
+loss, unless it declares ``needs_label`` (only ``self_sharpening``'s last
+layer does). Rules are written per site, with a key folded from the site's
+index, so the same guesses can be regenerated site by site.
+
+The W^T family is written with VJPs of the chain's own site maps, so it works
+for any site map (dense, grouped, token mixing, with a norm inside), not only
+for a dense matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from guessgrad._src.base import Array, Params, PRNGKey
+from guessgrad._src.models import ChainFns
+
+
+class GuessContext(NamedTuple):
+    """Everything a guess rule may read. ``labels`` is None unless the rule needs them."""
+
+    fns: ChainFns
+    layer_params: tuple[Params, ...]
+    sites: tuple[Array, ...]
+    labels: Array | None = None
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.sites)
+
+    def output(self, index: int) -> Array:
+        """``x_{l+1} = sigma(s_l)``, the activation after site ``l``."""
+        return self.fns.activation(self.sites[index])
+
+    def mask(self, index: int, tangent: Array) -> Array:
+        """``D_l v = sigma'(s_l) * v`` (for ReLU, the 0/1 mask of active units)."""
+        return jax.jvp(self.fns.activation, (self.sites[index],), (tangent,))[1]
+
+    def downstream_map(self, index: int, target: int, post_activation: bool) -> Callable:
+        """``s_l -> s_target`` (then ``sigma`` if ``post_activation``), through the chain's maps."""
+
+        def run(site):
+            for later in range(index + 1, target + 1):
+                site = self.fns.site_fns[later](self.layer_params[later], self.fns.activation(site))
+            return self.fns.activation(site) if post_activation else site
+
+        return run
+
+    def pullback(self, index: int, cotangent: Array, target: int, post_activation: bool) -> Array:
+        """VJP of :meth:`downstream_map` at ``s_l``: a cotangent at ``target`` pulled back to ``s_l``."""
+        run = self.downstream_map(index, target, post_activation)
+        _, vjp = jax.vjp(run, self.sites[index])
+        return vjp(cotangent)[0]
+
+    def next_jacobian(self, index: int) -> Array:
+        """Per-example Jacobian ``J_b = d s_{l+1,b} / d s_{l,b}`` (``W_{l+1} D_{l,b}`` for dense): [B, m, n]."""
+        run = self.downstream_map(index, index + 1, post_activation=False)
+
+        def one(site):  # [...] -> [m, n], flattened
+            jac = jax.jacrev(lambda s: run(s[None])[0])(site)
+            return jac.reshape(-1, site.size)
+
+        return jax.vmap(one)(self.sites[index])
+
+
+HiddenRule = Callable[[GuessContext, int, PRNGKey], Array]
+LastRule = Callable[[GuessContext, PRNGKey], Array]
+
+
+class GuessRule(NamedTuple):
+    """A method's guess: ``hidden(ctx, l, key)`` for sites before the logits, ``last`` for the logits."""
+
+    hidden: HiddenRule
+    last: LastRule
+    needs_label: bool = False
+
+
+def make_guesses(rule: GuessRule, ctx: GuessContext, key: PRNGKey) -> tuple[Array, ...]:
+    """One guess per site, each from ``jax.random.fold_in(key, l)``."""
+    last = ctx.num_sites - 1
+    hidden = tuple(rule.hidden(ctx, l, jax.random.fold_in(key, l)) for l in range(last))
+    return hidden + (rule.last(ctx, jax.random.fold_in(key, last)),)
+
+
+# --- the rules ----------------------------------------------------------------
+
+
+def gaussian_last(ctx: GuessContext, key: PRNGKey) -> Array:
+    """eps ~ N(0, I) at the logits."""
+    return jax.random.normal(key, ctx.sites[-1].shape, ctx.sites[-1].dtype)
+
+
+def true_error_last(ctx: GuessContext, key: PRNGKey) -> Array:
+    """``softmax(s_L) - onehot(label)``: the exact ``dl_b/ds_L`` (reads the label)."""
+    del key
+    logits = ctx.sites[-1]
+    return jax.nn.softmax(logits) - jax.nn.one_hot(ctx.labels, logits.shape[-1], dtype=logits.dtype)
+
+
+def gaussian_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+    """Activity perturbation: eps ~ N(0, I) at the site."""
+    site = ctx.sites[index]
+    return jax.random.normal(key, site.shape, site.dtype)
+
+
+def wt_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+    """``D_l W_{l+1}^T eps`` with eps ~ N(0, I) at ``s_{l+1}``: the VJP of the next site map."""
+    nxt = ctx.sites[index + 1]
+    eps = jax.random.normal(key, nxt.shape, nxt.dtype)
+    return ctx.pullback(index, eps, target=index + 1, post_activation=False)
+
+
+def downstream_hidden(depth: int, noise: str = "normal") -> HiddenRule:
+    """eps at ``x_{l+1+depth}`` (the logits if past the end), pulled back to ``s_l``.
+
+    ``depth=1``: ``D_l W_{l+1}^T D_{l+1} eps``. ``noise`` is ``"normal"`` (N(0, I))
+    or ``"uniform"`` (U(-1, 1)).
+    """
+
+    def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+        last = ctx.num_sites - 1
+        target = min(index + depth, last)
+        shape, dtype = ctx.sites[target].shape, ctx.sites[target].dtype
+        if noise == "uniform":
+            eps = jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+        else:
+            eps = jax.random.normal(key, shape, dtype)
+        return ctx.pullback(index, eps, target=target, post_activation=target < last)
+
+    return rule
+
+
+def mixing_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+    """``D_{l,b} sum_j alpha_{bj} x_{l+1,j}`` with alpha ~ N(0, 1)^{B x B}, fresh per site."""
+    outputs = ctx.output(index)  # [B, ...]
+    batch = outputs.shape[0]
+    alpha = jax.random.normal(key, (batch, batch), outputs.dtype)
+    mixed = jnp.tensordot(alpha, outputs, axes=1)
+    return ctx.mask(index, mixed)
+
+
+def _singular_tolerance(singular_values: Array) -> Array:
+    """Singular values below this (relative to the largest) count as zero."""
+    eps = jnp.finfo(singular_values.dtype).eps
+    return singular_values[..., :1] * eps * max(singular_values.shape[-1], 1) * 10
+
+
+def wperp_hidden(rank: int) -> HiddenRule:
+    """``V_k z``, z ~ N(0, I_k), V_k the top-``rank`` right singular vectors of J_b (exact SVD).
+
+    Directions with zero singular value (fewer than ``rank`` live units) get no
+    weight, so Cov(y) is the projector on J_b's top-k row space.
+    """
+
+    def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+        site = ctx.sites[index]
+        jac = ctx.next_jacobian(index)  # [B, m, n]
+        _, singular_values, vh = jnp.linalg.svd(jac, full_matrices=False)
+        k = min(rank, vh.shape[1])
+        keep = singular_values[:, :k] > _singular_tolerance(singular_values)
+        z = jax.random.normal(key, (site.shape[0], k), site.dtype) * keep
+        return jnp.einsum("bk,bkn->bn", z, vh[:, :k]).reshape(site.shape)
+
+    return rule
+
+
+def newton_schulz_rows(block: Array, steps: int) -> Array:
+    """Approximately orthonormalises the rows of each [p, n] block by Newton-Schulz.
+
+    Scales each block by its Frobenius norm (singular values <= 1), then applies
+    the quintic iteration ``X <- a X + b (X X^T) X + c (X X^T)^2 X``, which lifts
+    small singular values fast and settles them near 1 (within about 0.7-1.2).
+    Matrix products only: no QR or SVD.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    norm = jnp.sqrt(jnp.sum(block**2, axis=(-2, -1), keepdims=True))
+    x = block / jnp.maximum(norm, jnp.finfo(block.dtype).tiny)
+    for _ in range(steps):
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
+def wperp_ns_hidden(rank: int, power_iters: int, ns_steps: int) -> HiddenRule:
+    """W-perp without an SVD: subspace iteration on J_b^T J_b, orthonormalised by Newton-Schulz.
+
+    A block of ``rank`` random cotangents at ``s_{l+1}`` is pulled back
+    (``J_b^T Omega``), then ``power_iters`` times pushed forward and pulled back
+    (``J_b^T J_b``), each time re-orthonormalised with :func:`newton_schulz_rows`.
+    The block's rows approximate the top-``rank`` right singular subspace; the
+    guess is a standard normal combination of them. Every product is a batched
+    JVP or VJP of the next site map, so it works for any site map.
+    """
+
+    def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+        site, nxt = ctx.sites[index], ctx.sites[index + 1]
+        run = ctx.downstream_map(index, index + 1, post_activation=False)
+        _, push = jax.linearize(run, site)
+        _, pull = jax.vjp(run, site)
+        pull_block = jax.vmap(lambda u: pull(u)[0], in_axes=1, out_axes=1)  # [B,p,m]->[B,p,n]
+        push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n]->[B,p,m]
+        omega_key, z_key = jax.random.split(key)
+        omega = jax.random.normal(omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype)
+        flat = lambda x: x.reshape(x.shape[:2] + (-1,))  # noqa: E731
+        block = newton_schulz_rows(flat(pull_block(omega)), ns_steps).reshape(
+            (site.shape[0], rank) + site.shape[1:]
+        )
+        for _ in range(power_iters):
+            block = pull_block(push_block(block))
+            block = newton_schulz_rows(flat(block), ns_steps).reshape(block.shape)
+        z = jax.random.normal(z_key, (site.shape[0], rank), site.dtype)
+        return jnp.einsum("bk,bk...->b...", z, block)
+
+    return rule
+
+
+def rule_from(hidden: HiddenRule, last: LastRule = gaussian_last, needs_label: bool = False) -> GuessRule:
+    return GuessRule(hidden=hidden, last=last, needs_label=needs_label)
+
+
+def context(
+    fns: ChainFns,
+    layer_params: Sequence[Params],
+    sites: Sequence[Array],
+    labels: Array,
+    rule: GuessRule,
+) -> GuessContext:
+    """The context a rule may read: labels only for rules that declare they need them."""
+    return GuessContext(fns, tuple(layer_params), tuple(sites), labels if rule.needs_label else None)

@@ -1,0 +1,153 @@
+"""Networks as chains of sites, the structure every estimator works on.
+
+A :class:`Chain` is a sequence of *site maps* ``s_l = f_l(theta_l, x_l)`` (a
+dense layer, a grouped dense layer, a token-mixing layer, a linear map followed
+by a layer norm, ...) with an elementwise activation between consecutive
+sites, ``x_{l+1} = sigma(s_l)``. The last site is the logits. Estimators only
+ever call a site map, its VJP and its JVP, so any Flax module can be a site map.
+
+To write your own network, subclass :class:`Chain` and return the site maps
+from :meth:`Chain.layer_modules`; every estimator then works on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from guessgrad._src.base import Array, Params
+
+
+def fan_in_uniform(fan_in: int) -> Callable:
+    """Initialiser drawing from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Linear(nn.Module):
+    """Dense layer ``x @ kernel + bias`` with PyTorch-default initialisation.
+
+    Kernel and bias are both drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the
+    initialisation the paper's numbers come from.
+    """
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", fan_in_uniform(fan_in), (fan_in, self.features))
+        y = x @ kernel
+        if self.use_bias:
+            y = y + self.param("bias", fan_in_uniform(fan_in), (self.features,))
+        return y
+
+
+class Chain(nn.Module):
+    """Base class: a chain of site maps with an activation between sites.
+
+    Subclasses implement :meth:`layer_modules` (decorated with ``nn.nowrap``),
+    returning freshly constructed modules, each with a unique ``name``: their
+    parameters live under ``params[name]``. Override :meth:`preprocess` to
+    change how an image batch becomes the first layer's input (default: flatten)
+    and :meth:`activation` for another elementwise nonlinearity (default: ReLU).
+    """
+
+    @nn.nowrap
+    def layer_modules(self) -> Sequence[nn.Module]:
+        raise NotImplementedError(f"{type(self).__name__} must implement layer_modules().")
+
+    @nn.nowrap
+    def preprocess(self, image: Array) -> Array:
+        """[B, ...] images -> [B, features] inputs of the first site map."""
+        return image.reshape(image.shape[0], -1)
+
+    @nn.nowrap
+    def activation(self, site: Array) -> Array:
+        """The elementwise nonlinearity between sites."""
+        return nn.relu(site)
+
+    @nn.compact
+    def __call__(self, image: Array) -> Array:
+        x = self.preprocess(image)
+        modules = self.layer_modules()
+        for index, module in enumerate(modules):
+            x = module(x)
+            if index < len(modules) - 1:
+                x = self.activation(x)
+        return x
+
+
+class MLP(Chain):
+    """Multi-layer perceptron: ``depth`` linear layers with ReLU between.
+
+    ``depth`` counts linear layers: ``MLP(depth=3, width=128, num_classes=10)``
+    has two hidden layers of width 128 and an output layer of width 10.
+    """
+
+    depth: int = 3
+    width: int = 128
+    num_classes: int = 10
+
+    @nn.nowrap
+    def layer_modules(self) -> Sequence[nn.Module]:
+        if self.depth < 1 or self.width < 1 or self.num_classes < 1:
+            raise ValueError(
+                f"MLP needs depth >= 1, width >= 1 and num_classes >= 1; got "
+                f"depth={self.depth}, width={self.width}, num_classes={self.num_classes}."
+            )
+        widths = [self.width] * (self.depth - 1) + [self.num_classes]
+        return tuple(Linear(w, name=f"dense_{i}") for i, w in enumerate(widths))
+
+
+class ChainFns(NamedTuple):
+    """Pure functions of a :class:`Chain`, as estimators use them.
+
+    Attributes:
+      names: the ``params`` key of each site map, in order.
+      site_fns: ``site_fns[l](theta_l, x_l) -> s_l``.
+      activation: ``sigma``, applied between consecutive sites.
+      preprocess: ``image -> x_0``.
+    """
+
+    names: tuple[str, ...]
+    site_fns: tuple[Callable[[Params, Array], Array], ...]
+    activation: Callable[[Array], Array]
+    preprocess: Callable[[Array], Array]
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.site_fns)
+
+
+def chain_fns(model: nn.Module) -> ChainFns:
+    """Splits a :class:`Chain` into the pure per-site functions estimators use."""
+    if not isinstance(model, Chain):
+        raise TypeError(
+            f"Estimators need a guessgrad.models.Chain (e.g. guessgrad.models.MLP); "
+            f"got {type(model).__name__}. Subclass Chain and return your site maps "
+            f"from layer_modules()."
+        )
+    modules = tuple(model.layer_modules())
+    names = tuple(m.name for m in modules)
+    if any(name is None for name in names) or len(set(names)) != len(names):
+        raise ValueError(f"Every module from layer_modules() needs a unique name; got {names}.")
+
+    def make_site_fn(module):
+        return lambda layer_params, x: module.apply({"params": layer_params}, x)
+
+    return ChainFns(
+        names=names,
+        site_fns=tuple(make_site_fn(m) for m in modules),
+        activation=model.activation,
+        preprocess=model.preprocess,
+    )

@@ -1,0 +1,44 @@
+"""One jit-compiled training step: any estimator composed with any Optax optimiser."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import optax
+
+from guessgrad._src.base import Aux, Batch, Estimator, Params, PRNGKey
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes. The step's key is ``fold_in(key, step)``."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    key: PRNGKey
+
+
+def init_train_state(params: Params, optimizer: optax.GradientTransformation, key: PRNGKey) -> TrainState:
+    return TrainState(jax.numpy.zeros([], jax.numpy.int32), params, optimizer.init(params), key)
+
+
+def make_train_step(
+    estimator: Estimator, optimizer: optax.GradientTransformation, *, jit: bool = True
+) -> Callable[[TrainState, Batch], tuple[TrainState, Aux]]:
+    """``(state, batch) -> (state, metrics)``: estimate, update, apply.
+
+    ``estimator`` is what :func:`guessgrad.build_estimator` returns (its metrics,
+    e.g. the loss its forward pass computed, are passed through). The key for
+    step ``t`` is ``fold_in(state.key, t)``, so a run is reproducible from any
+    saved state.
+    """
+
+    def step(state: TrainState, batch: Batch):
+        key = jax.random.fold_in(state.key, state.step)
+        grads, metrics = estimator(state.params, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+
+    return jax.jit(step) if jit else step

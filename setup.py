@@ -1,0 +1,43 @@
+"""guessgrad: training neural networks with guessed gradients in JAX."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+setuptools.setup(
+    name="guessgrad",
+    version="0.1.0",
+    description=(
+        "Gradient estimates from forward-mode directional derivatives and "
+        "structured guesses of the gradient's direction, in JAX."
+    ),
+    long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["guessgrad", "guessgrad.*"]),
+    package_data={"guessgrad.data": ["*.npz", "*.md"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.8",
+        "optax>=0.2",
+        "chex>=0.1.86",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        # Everything `python -m experiments.*` and `python -m benchmarks.*` use.
+        "experiments": [
+            "absl-py>=1.4",
+            "tensorflow-datasets>=4.9.4",
+            "array_record>=0.5",
+            "orbax-checkpoint>=0.5",
+            "tqdm>=4.60",
+            "matplotlib>=3.7",
+        ],
+        "test": ["pytest>=7.4"],
+        "dev": ["ruff>=0.5"],
+    },
+)

@@ -1,0 +1,71 @@
+"""Shared fixtures: small networks and batches with fixed seeds."""
+
+import os
+
+# Tests run on the CPU with a fixed thread pool; keep XLA's scheduler away
+# from the batched-factorisation deadlock seen on this CPU (see SPEC.md).
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+import guessgrad as gg  # noqa: E402
+
+
+class NormedTanhChain(gg.models.Chain):
+    """A user-written chain: dense + layer norm inside each hidden site map, tanh between."""
+
+    widths: tuple = (7, 6, 5)
+
+    @nn.nowrap
+    def layer_modules(self):
+        layers = [_DenseNorm(w, name=f"block_{i}") for i, w in enumerate(self.widths[:-1])]
+        return tuple(layers) + (gg.models.Linear(self.widths[-1], name="readout"),)
+
+    @nn.nowrap
+    def activation(self, site):
+        return jnp.tanh(site)
+
+
+class _DenseNorm(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.LayerNorm()(gg.models.Linear(self.features)(x))
+
+
+def make_batch(key, batch_size=4, shape=(2, 3), num_classes=5):
+    image_key, label_key = jax.random.split(key)
+    return {
+        "image": jax.random.normal(image_key, (batch_size,) + shape),
+        "label": jax.random.randint(label_key, (batch_size,), 0, num_classes),
+    }
+
+
+@pytest.fixture
+def small_mlp():
+    """A 3-layer MLP of width 8 on 6 input features, 5 classes, batch of 4."""
+    model = gg.models.MLP(depth=3, width=8, num_classes=5)
+    batch = make_batch(jax.random.key(1))
+    params = model.init(jax.random.key(0), batch["image"])
+    return model, params, batch
+
+
+@pytest.fixture
+def normed_chain():
+    model = NormedTanhChain()
+    batch = make_batch(jax.random.key(2))
+    params = model.init(jax.random.key(3), batch["image"])
+    return model, params, batch
+
+
+def flat(tree):
+    return jax.flatten_util.ravel_pytree(tree)[0]
+
+
+def cosine(a, b):
+    a, b = flat(a), flat(b)
+    return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
