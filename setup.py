@@ -36,6 +36,10 @@ setuptools.setup(
             "orbax-checkpoint>=0.5",
             "tqdm>=4.60",
             "matplotlib>=3.7",
+            # tfds decodes images with PIL and, to prepare a data set, needs
+            # importlib_resources on every Python version.
+            "pillow>=9",
+            "importlib_resources>=5",
         ],
         "test": ["pytest>=7.4"],
         "dev": ["ruff>=0.5"],

@@ -230,3 +230,19 @@ def energy_share(rule, model, params, batch, rank, num_keys=8):
             py = np.einsum("bij,bj->bi", proj, y)
             shares.append(np.sum(py**2, -1) / np.sum(y**2, -1))
     return float(np.mean(shares))
+
+
+def test_wperp_ns_puts_most_energy_in_the_exact_top_k_subspace():
+    """Measured on random weights at width 128, rank 10 (8 keys x 16 examples x 3 sites):
+    wperp_ns (2 power iterations) puts 0.80 of each guess's energy in the exact
+    top-10 subspace, 4 iterations 0.88, exact wperp 1.00; the unfiltered W^T
+    guess only 0.56 (random weights have a flat spectrum, the hard case)."""
+    model = gg.models.MLP(depth=4, width=128, num_classes=10)
+    batch = {"image": jax.random.normal(jax.random.key(0), (16, 64)), "label": jnp.zeros(16, jnp.int32)}
+    params = model.init(jax.random.key(1), batch["image"])
+    ns = energy_share(rules.wperp_ns_hidden(10, power_iters=2, ns_steps=5), model, params, batch, 10, 4)
+    more = energy_share(rules.wperp_ns_hidden(10, power_iters=4, ns_steps=5), model, params, batch, 10, 4)
+    unfiltered = energy_share(rules.wt_hidden, model, params, batch, 10, 4)
+    assert ns > 0.75
+    assert more > ns + 0.04  # more iterations, closer to the exact subspace
+    assert ns > unfiltered + 0.15

@@ -61,6 +61,17 @@ def validate_batch(batch: Batch) -> tuple[Array, Array]:
     return image, label
 
 
+def check_input(model, params: Params, image: Array) -> None:
+    """Raises a ValueError when the model's parameters cannot take ``image`` (checked abstractly)."""
+    try:
+        jax.eval_shape(model.apply, params, image)
+    except Exception as err:  # noqa: BLE001 - re-raised with what the user needs to know
+        reason = str(err).splitlines()[0]
+        raise ValueError(
+            f'batch["image"] has shape {jnp.shape(image)}, which these params do not accept: {reason}'
+        ) from err
+
+
 def split_params(fns: ChainFns, params: Params) -> tuple[Params, ...]:
     """``model.init`` output -> one parameter tree per site, checking its structure."""
     if not hasattr(params, "keys") or set(params.keys()) != {"params"}:

@@ -66,6 +66,7 @@ def activation_space(
     def estimate(params: Params, batch: Batch, key: PRNGKey):
         image, labels = core.validate_batch(batch)
         layer_params = core.split_params(fns, params)
+        core.check_input(model, params, image)
         trace = core.forward(fns, layer_params, fns.preprocess(image), labels)
         ctx = rules.context(fns, layer_params, trace.sites, labels, rule)
 
@@ -87,6 +88,7 @@ def _batch_loss_fn(model, batch: Batch) -> Callable[[Params], tuple[Array, dict]
     image, labels = core.validate_batch(batch)
 
     def loss_fn(params):
+        core.check_input(model, params, image)
         logits = model.apply(params, image)
         losses = core.per_example_loss(logits, labels)
         return jnp.mean(losses), _metrics(logits, labels, losses)
@@ -171,7 +173,7 @@ def wperp_ns(
     model,
     *,
     rank: int = 10,
-    power_iters: int = 1,
+    power_iters: int = 2,
     ns_steps: int = 5,
     num_guesses=1,
     normalize=True,

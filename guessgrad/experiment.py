@@ -1,0 +1,852 @@
+"""Training an MLP with any gradient estimator: the logic behind ``python -m experiments.mlp``.
+
+:func:`run` trains one method and writes everything it measured to a work
+directory:
+
+* ``config.json``: the full configuration, with the estimator's resolved options;
+* ``metrics.jsonl``: one JSON object per line, ``{"kind": "train", ...}`` with
+  the mean batch loss every ``log_every`` steps and ``{"kind": "eval", ...}``
+  with train and test loss and accuracy at each evaluation;
+* ``results.json``: final accuracies and losses, steps, wall time, devices;
+* ``curves.png``: loss and accuracy against the step;
+* ``checkpoints/``: Orbax checkpoints of the :class:`guessgrad.TrainState`,
+  saved at each evaluation (the last ``keep_checkpoints`` kept) and on Ctrl-C.
+
+A run is a pure function of its configuration: the batch of step ``t`` is cut
+from ``(data key, t)`` and the estimator's key is ``fold_in(key, t)``, so
+resuming from a checkpoint gives exactly the parameters an uninterrupted run
+would have. :func:`compare` runs several methods on the same data and seed
+and tabulates them. Nothing here needs absl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import guessgrad as gg
+from guessgrad import data
+
+DEFAULT_METHOD = "mixing"
+DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_EPOCHS = 300
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.png"
+CHECKPOINT_DIR = "checkpoints"
+COMPARE_JSON = "compare.json"
+COMPARE_MD = "compare.md"
+
+# Config fields that, with the estimator's resolved options, define what a run computes.
+_IDENTITY_FIELDS = (
+    "method",
+    "dataset",
+    "depth",
+    "width",
+    "optimizer",
+    "learning_rate",
+    "batch_size",
+    "seed",
+)
+# Longest wait between progress-bar refreshes (each one is a host sync).
+_REFRESH_SECONDS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything one training run depends on.
+
+    Attributes:
+      method: estimator name, a key of ``guessgrad.ESTIMATORS``.
+      dataset: a name in ``guessgrad.data.DATASETS``.
+      data_dir: tfds data directory (unused for the packaged ``mnist10k``).
+      depth: linear layers of the MLP.
+      width: hidden units per layer.
+      optimizer: a key of ``guessgrad.OPTIMIZERS``.
+      learning_rate: the optimiser's step size.
+      batch_size: training examples per step.
+      epochs: training length in passes over the training set, unless ``steps``.
+      steps: training length in steps; overrides ``epochs`` when set.
+      eval_every: steps between evaluations (and checkpoints); the last step
+        is always evaluated.
+      log_every: steps between ``"train"`` lines (mean batch loss) in metrics.jsonl.
+      train_eval_examples: train accuracy is measured on the first this many
+        training examples.
+      eval_batch_size: examples per evaluation batch.
+      options: keyword options of the estimator (e.g. ``{"num_guesses": 4}``);
+        options left out take the estimator's defaults.
+      seed: seeds initialisation, data order and guesses.
+      workdir: output directory; default ``runs/<dataset>-<method>-<depth>x<width>-seed<seed>``.
+      resume: continue from the workdir's last checkpoint. Without it a workdir
+        holding checkpoints is refused.
+      stop_after: stop (with a checkpoint) once this many steps are done,
+        as if interrupted; for testing resumption.
+      keep_checkpoints: checkpoints kept in the workdir.
+      progress: show a progress bar.
+    """
+
+    method: str = DEFAULT_METHOD
+    dataset: str = data.DEFAULT_DATASET
+    data_dir: str | None = None
+    depth: int = 3
+    width: int = 128
+    optimizer: str = "adamw"
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    batch_size: int = 128
+    epochs: int = DEFAULT_EPOCHS
+    steps: int | None = None
+    eval_every: int = 2000
+    log_every: int = 100
+    train_eval_examples: int = 2000
+    eval_batch_size: int = 1000
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    workdir: str | None = None
+    resume: bool = False
+    stop_after: int | None = None
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+class WorkdirError(RuntimeError):
+    """The work directory cannot be used as asked; ``str()`` says why and what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C) after a checkpoint of ``step`` was saved in ``workdir``."""
+
+    def __init__(self, step: int, total_steps: int, workdir: str):
+        super().__init__(step, total_steps, workdir)
+        self.step = step
+        self.total_steps = total_steps
+        self.workdir = workdir
+
+
+# --- configuration ---------------------------------------------------------------
+
+
+def default_workdir(config: Config, label: str | None = None) -> str:
+    """``runs/<dataset>-<label or method>-<depth>x<width>-seed<seed>``."""
+    name = f"{config.dataset}-{label or config.method}-{config.depth}x{config.width}-seed{config.seed}"
+    return os.path.join("runs", name)
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"all"`` or a comma-separated list of estimator names -> the names, checked."""
+    if text.strip() == "all":
+        return list(gg.ESTIMATORS)
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ValueError(
+            f'Give "all" or a comma-separated list of methods; valid names: {", ".join(gg.ESTIMATORS)}.'
+        )
+    for method in methods:
+        gg.estimator_options(method)  # raises a ValueError listing the valid names
+    duplicates = sorted({m for m in methods if methods.count(m) > 1})
+    if duplicates:
+        raise ValueError(f"Methods listed twice: {', '.join(duplicates)}.")
+    return methods
+
+
+def options_for(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that estimator ``method`` takes."""
+    valid = gg.estimator_options(method)
+    return {name: value for name, value in options.items() if name in valid}
+
+
+def validate(config: Config) -> None:
+    """Raises a ValueError saying what is wrong with ``config`` and what is valid.
+
+    Checks the method, optimizer and data set names against their registries,
+    the estimator options (names and values), and every size and count.
+    """
+    for name in (
+        "depth",
+        "width",
+        "batch_size",
+        "epochs",
+        "eval_every",
+        "log_every",
+        "keep_checkpoints",
+    ):
+        _check_positive(name, getattr(config, name))
+    _check_positive("train_eval_examples", config.train_eval_examples)
+    _check_positive("eval_batch_size", config.eval_batch_size)
+    if config.steps is not None:
+        _check_positive("steps", config.steps)
+    if config.stop_after is not None:
+        _check_positive("stop_after", config.stop_after)
+    if config.dataset not in data.DATASETS:
+        raise ValueError(
+            f"Unknown data set {config.dataset!r}; valid names: {', '.join(data.DATASETS)}."
+        )
+    gg.make_optimizer(config.optimizer, config.learning_rate)
+    # Builds (without running) the estimator: checks the name, option names and option values.
+    gg.build_estimator(
+        config.method, _model(config, num_classes=10), **dict(config.options)
+    )
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+def _model(config: Config, num_classes: int) -> gg.models.MLP:
+    return gg.models.MLP(
+        depth=config.depth, width=config.width, num_classes=num_classes
+    )
+
+
+def total_steps(config: Config, steps_per_epoch: int) -> int:
+    """``config.steps`` if set, else ``config.epochs * steps_per_epoch``."""
+    return config.steps if config.steps is not None else config.epochs * steps_per_epoch
+
+
+def device_info() -> dict[str, Any]:
+    """The JAX backend and devices this process computes on."""
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in devices],
+        "device_kind": devices[0].device_kind,
+        "jax_version": jax.__version__,
+        "host": platform.node(),
+    }
+
+
+# --- evaluation ------------------------------------------------------------------
+
+
+def make_eval_fn(model):
+    """Jitted ``(params, batch) -> [loss sum, correct count, example count]`` over the batch's mask."""
+
+    @jax.jit
+    def eval_sums(params, batch):
+        logits = model.apply(params, batch["image"])
+        mask = batch["mask"].astype(jnp.float32)
+        losses = gg.per_example_loss(logits, batch["label"])
+        correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+        return jnp.stack(
+            [jnp.sum(losses * mask), jnp.sum(correct * mask), jnp.sum(mask)]
+        )
+
+    return eval_sums
+
+
+def evaluate(eval_fn, params, loader: data.Loader) -> dict[str, float]:
+    """Mean loss and accuracy over every example of ``loader`` (one host sync)."""
+    sums = sum(eval_fn(params, batch) for batch in loader.eval_batches())
+    loss, correct, count = (float(x) for x in jax.device_get(sums))
+    return {"loss": loss / count, "accuracy": correct / count}
+
+
+# --- metrics file, checkpoints, plots ----------------------------------------------
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (empty if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Drops records after ``last_step``: a resumed run writes them again."""
+    records = [r for r in read_metrics(path) if r["step"] <= last_step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _checkpoint_manager(directory: str, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _to_saveable(state: gg.TrainState) -> gg.TrainState:
+    # Orbax stores arrays, not typed PRNG keys: save the key's raw data.
+    return state._replace(key=jax.random.key_data(state.key))
+
+
+def _save_checkpoint(manager, state: gg.TrainState, meta: dict[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    step = int(meta["step"])
+    if step in manager.all_steps():
+        return
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)
+    )
+    manager.save(step, args=args)
+
+
+def _restore_checkpoint(
+    manager, template: gg.TrainState
+) -> tuple[gg.TrainState, dict[str, Any]]:
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    saveable = _to_saveable(template)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(saveable), meta=ocp.args.JsonRestore()
+    )
+    restored = manager.restore(step, args=args)
+    state = jax.tree.unflatten(
+        jax.tree.structure(saveable), jax.tree.leaves(restored.state)
+    )
+    return state._replace(key=jax.random.wrap_key_data(state.key)), dict(restored.meta)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of the checkpoints saved in ``workdir`` (empty if none)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+    )
+
+
+def plot_curves(
+    records: Sequence[Mapping[str, Any]], path: str, title: str = ""
+) -> None:
+    """Writes loss and accuracy against the step (from metrics.jsonl records) as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_ax, acc_ax = figure.subplots(1, 2)
+    if train:
+        loss_ax.plot(
+            [r["step"] for r in train],
+            [r["loss"] for r in train],
+            lw=1,
+            alpha=0.6,
+            label="batch loss",
+        )
+    steps = [r["step"] for r in evals]
+    for split, style in (("train", "-o"), ("test", "-s")):
+        loss_ax.plot(
+            steps,
+            [r[f"{split}_loss"] for r in evals],
+            style,
+            ms=3,
+            label=f"{split} loss",
+        )
+        acc_ax.plot(
+            steps,
+            [100 * r[f"{split}_accuracy"] for r in evals],
+            style,
+            ms=3,
+            label=f"{split} accuracy",
+        )
+    loss_ax.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="loss")
+    acc_ax.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, dpi=100)
+
+
+# --- tables ----------------------------------------------------------------------
+
+_COLUMNS = (
+    ("method", "method", "{}"),
+    ("train acc", "train_accuracy", "{:.2%}"),
+    ("test acc", "test_accuracy", "{:.2%}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("test loss", "test_loss", "{:.4f}"),
+    ("steps", "steps", "{}"),
+    ("wall time", "wall_time_s", "{:.1f} s"),
+)
+
+
+def _cells(rows: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = [title for title, _, _ in _COLUMNS]
+    body = [[fmt.format(row[key]) for _, key, fmt in _COLUMNS] for row in rows]
+    return header, body
+
+
+def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Plain-text table of results (method, accuracies, losses, steps, wall time)."""
+    header, body = _cells(rows)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(cells) for cells in body)])
+
+
+def markdown_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The same table in Markdown."""
+    header, body = _cells(rows)
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+# --- training --------------------------------------------------------------------
+
+
+def _prepare_workdir(config: Config, workdir: str) -> list[int]:
+    """Checks the workdir against ``config.resume``; returns the saved checkpoint steps."""
+    steps = checkpoint_steps(workdir)
+    if steps and not config.resume:
+        raise WorkdirError(
+            f"{workdir} already holds checkpoints of an earlier run (steps {', '.join(map(str, steps))}).\n"
+            "Pass --resume (Config.resume=True) to continue that run, or choose another --workdir."
+        )
+    if steps:
+        saved_record = _load_json(os.path.join(workdir, CONFIG_FILE))
+        saved = _identity(
+            saved_record.get("config", {}), saved_record.get("estimator_options", {})
+        )
+        mine = _identity(
+            _jsonable(dataclasses.asdict(config)), resolved_options(config)
+        )
+        differ = [f for f in mine if f in saved and saved[f] != mine[f]]
+        if differ:
+            details = "; ".join(
+                f"{f}: saved {saved[f]!r}, now {mine[f]!r}" for f in differ
+            )
+            raise WorkdirError(
+                f"Cannot resume the run in {workdir} with a different configuration ({details}).\n"
+                "Resume with the saved settings, or choose another --workdir."
+            )
+    elif os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        shutil.rmtree(
+            os.path.join(workdir, CHECKPOINT_DIR)
+        )  # only unfinished (tmp) saves
+    return steps
+
+
+def _identity(
+    config: Mapping[str, Any], estimator_options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What a run computes: a resumed run must agree on all of it."""
+    return {f: config.get(f) for f in _IDENTITY_FIELDS} | {
+        "estimator_options": _jsonable(dict(estimator_options))
+    }
+
+
+def resolved_options(config: Config) -> dict[str, Any]:
+    """Every option of the estimator: ``config.options`` over the estimator's defaults."""
+    return {**gg.estimator_options(config.method), **dict(config.options)}
+
+
+def _load_json(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Trains ``config.method`` on ``config.dataset`` and writes the workdir; returns the results.
+
+    Returns the dict written to results.json (accuracies and losses on the
+    train subset and the test set after the last step, steps, wall time,
+    devices). With ``config.stop_after`` before the end, stops with a
+    checkpoint and returns ``{"status": "stopped", "step": ...}`` without
+    writing results.json.
+
+    Raises:
+      ValueError: an invalid configuration (see :func:`validate`).
+      WorkdirError: the workdir holds checkpoints and ``resume`` is False, or
+        ``resume`` is True and the saved run's configuration differs.
+      guessgrad.data.DataMissingError: the data set is not prepared.
+      Interrupted: Ctrl-C during training; a checkpoint of the current step was saved.
+    """
+    validate(config)
+    started = time.perf_counter()
+    workdir = os.path.abspath(config.workdir or default_workdir(config))
+    print(f"[{config.method}] workdir: {workdir}")
+    print(f"[{config.method}] JAX devices: {jax.devices()}")
+    saved_steps = _prepare_workdir(config, workdir)
+
+    dataset = data.load(config.dataset, config.data_dir)
+    model = _model(config, dataset.num_classes)
+    init_key, data_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
+    loader = data.Loader(
+        dataset.train_images,
+        dataset.train_labels,
+        config.batch_size,
+        data_key,
+        flatten=True,
+    )
+    num_train_eval = min(config.train_eval_examples, len(dataset.train_labels))
+    eval_loaders = {
+        "train": _eval_loader(
+            dataset.train_images[:num_train_eval],
+            dataset.train_labels[:num_train_eval],
+            config,
+        ),
+        "test": _eval_loader(dataset.test_images, dataset.test_labels, config),
+    }
+    num_steps = total_steps(config, loader.steps_per_epoch)
+    stop_step = (
+        num_steps if config.stop_after is None else min(config.stop_after, num_steps)
+    )
+
+    optimizer = gg.make_optimizer(config.optimizer, config.learning_rate)
+    estimator = gg.build_estimator(config.method, model, **dict(config.options))
+    params = model.init(init_key, loader.batch(0)["image"])
+    state = gg.init_train_state(params, optimizer, train_key)
+    train_step = gg.make_train_step(estimator, optimizer)
+    eval_fn = make_eval_fn(model)
+
+    os.makedirs(workdir, exist_ok=True)
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    manager = _checkpoint_manager(
+        os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints
+    )
+    elapsed_before, window = 0.0, []
+    if saved_steps:
+        state, meta = _restore_checkpoint(manager, state)
+        elapsed_before = float(meta["elapsed_s"])
+        window = [(int(s), np.float32(x)) for s, x in meta["window_losses"]]
+        _truncate_metrics(metrics_path, int(state.step))
+        print(
+            f"[{config.method}] resumed from the checkpoint at step {int(state.step)}"
+        )
+    else:
+        if config.resume:
+            print(
+                f"[{config.method}] --resume: no checkpoint in {workdir}; starting from step 0"
+            )
+        open(metrics_path, "w").close()
+
+    options = resolved_options(config)
+    _write_json(
+        os.path.join(workdir, CONFIG_FILE),
+        {
+            "config": _jsonable(dataclasses.asdict(config)) | {"workdir": workdir},
+            "estimator_options": options,
+            "total_steps": num_steps,
+            "steps_per_epoch": loader.steps_per_epoch,
+            "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+            "num_train_examples": len(dataset.train_labels),
+            "num_test_examples": len(dataset.test_labels),
+            "train_eval_examples": num_train_eval,
+            "device": device_info(),
+        },
+    )
+
+    session_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - session_start
+
+    def run_eval(step: int) -> dict[str, Any]:
+        record = {"kind": "eval", "step": step, "epoch": step / loader.steps_per_epoch}
+        for split, eval_loader in eval_loaders.items():
+            result = evaluate(eval_fn, state.params, eval_loader)
+            record[f"{split}_loss"], record[f"{split}_accuracy"] = (
+                result["loss"],
+                result["accuracy"],
+            )
+        record["wall_time_s"] = elapsed()
+        return record
+
+    def checkpoint(step: int) -> None:
+        # The batch losses since the last "train" line, so a resumed run logs the same mean.
+        first = step - step % config.log_every
+        pending = [
+            [s, float(x)] for s, x in jax.device_get(window) if first < s <= step
+        ]
+        _save_checkpoint(
+            manager,
+            state,
+            {"step": step, "elapsed_s": elapsed(), "window_losses": pending},
+        )
+
+    start_step = int(state.step)
+    progress = _progress_bar(config, num_steps, start_step)
+    last_eval: dict[str, Any] | None = None
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+
+            def log(record: dict[str, Any]) -> None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+
+            if start_step == 0:
+                log(run_eval(0))
+            synced_step, synced_time = start_step, time.perf_counter()
+            for step in range(start_step, stop_step):
+                new_state, metrics = train_step(state, loader.batch(step))
+                done = step + 1
+                window.append((done, metrics["loss"]))
+                state = new_state
+                is_log = done % config.log_every == 0
+                is_eval = done % config.eval_every == 0 or done == num_steps
+                timed_out = time.perf_counter() - synced_time > _REFRESH_SECONDS
+                if is_log or is_eval or timed_out or done == stop_step:
+                    jax.block_until_ready(metrics["loss"])
+                    now = time.perf_counter()
+                    rate = (
+                        (done - synced_step)
+                        * config.batch_size
+                        / max(now - synced_time, 1e-9)
+                    )
+                    postfix = {"ex/s": f"{rate:,.0f}"}
+                    if is_log:
+                        loss = _mean_loss(window)
+                        log(
+                            {
+                                "kind": "train",
+                                "step": done,
+                                "loss": loss,
+                                "examples_per_s": rate,
+                            }
+                        )
+                        window = []
+                        postfix["loss"] = f"{loss:.4f}"
+                    progress.set_postfix(postfix, refresh=False)
+                    progress.update(done - synced_step)
+                    synced_step, synced_time = done, now
+                if is_eval:
+                    last_eval = run_eval(done)
+                    log(last_eval)
+                    progress.write(
+                        f"[{config.method}] step {done}: train acc {last_eval['train_accuracy']:.2%}, "
+                        f"test acc {last_eval['test_accuracy']:.2%}, test loss {last_eval['test_loss']:.4f}"
+                    )
+                    checkpoint(done)
+                    synced_time = (
+                        time.perf_counter()
+                    )  # evaluation time is not throughput
+            if int(state.step) < num_steps:
+                checkpoint(int(state.step))
+    except KeyboardInterrupt:
+        progress.close()
+        step = int(state.step)
+        checkpoint(step)
+        manager.wait_until_finished()
+        manager.close()
+        print(
+            f"[{config.method}] interrupted at step {step} of {num_steps}; checkpoint saved in {workdir}"
+        )
+        raise Interrupted(step, num_steps, workdir) from None
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+
+    step = int(state.step)
+    if step < num_steps:
+        print(
+            f"[{config.method}] stopped at step {step} of {num_steps}; checkpoint saved in {workdir}"
+        )
+        return {
+            "status": "stopped",
+            "step": step,
+            "total_steps": num_steps,
+            "workdir": workdir,
+        }
+    if last_eval is None:  # resumed a finished run: its final evaluation, again
+        last_eval = run_eval(step)
+
+    records = read_metrics(metrics_path)
+    train_records = [r for r in records if r["kind"] == "train"]
+    wall_time = elapsed() if step > start_step else elapsed_before
+    results = {
+        "status": "done",
+        "method": config.method,
+        "dataset": config.dataset,
+        "model": f"MLP {config.depth}x{config.width}",
+        "optimizer": config.optimizer,
+        "learning_rate": config.learning_rate,
+        "estimator_options": options,
+        "steps": step,
+        "epochs": step / loader.steps_per_epoch,
+        "train_accuracy": last_eval["train_accuracy"],
+        "train_loss": last_eval["train_loss"],
+        "test_accuracy": last_eval["test_accuracy"],
+        "test_loss": last_eval["test_loss"],
+        "last_batch_loss": train_records[-1]["loss"] if train_records else None,
+        "wall_time_s": wall_time,
+        "session_wall_time_s": time.perf_counter() - started,
+        "examples_per_s": _mean_rate(train_records),
+        "workdir": workdir,
+        **device_info(),
+    }
+    _write_json(os.path.join(workdir, RESULTS_FILE), results)
+    title = f"{config.method} on {config.dataset}, MLP {config.depth}x{config.width}, {config.optimizer} lr={config.learning_rate:g}"
+    plot_curves(records, os.path.join(workdir, CURVES_FILE), title)
+    print(format_table([results]))
+    print(
+        f"[{config.method}] results in {workdir}: {CONFIG_FILE}, {METRICS_FILE}, {RESULTS_FILE}, {CURVES_FILE}"
+    )
+    return results
+
+
+def _eval_loader(images: np.ndarray, labels: np.ndarray, config: Config) -> data.Loader:
+    batch_size = min(config.eval_batch_size, len(labels))
+    return data.Loader(
+        images,
+        labels,
+        batch_size,
+        None,
+        flatten=True,
+        shuffle=False,
+        drop_remainder=False,
+    )
+
+
+def _mean_loss(window: Sequence[tuple[int, Any]]) -> float:
+    return float(
+        np.mean(np.asarray(jax.device_get([loss for _, loss in window]), np.float64))
+    )
+
+
+def _mean_rate(train_records: Sequence[Mapping[str, Any]]) -> float | None:
+    # Median over logged windows: robust to the first window's compilation.
+    rates = [r["examples_per_s"] for r in train_records if "examples_per_s" in r]
+    return float(np.median(rates)) if rates else None
+
+
+def _progress_bar(config: Config, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=config.method,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not config.progress,
+        leave=True,
+    )
+
+
+def method_configs(config: Config, methods: Sequence[str]) -> list[Config]:
+    """One validated configuration per method, each with the options of ``config`` it takes.
+
+    Raises a ValueError for an unknown method or option value, or an option
+    that none of ``methods`` takes.
+    """
+    if not methods:
+        raise ValueError(
+            f"Give at least one method; valid names: {', '.join(gg.ESTIMATORS)}."
+        )
+    for method in methods:
+        gg.estimator_options(method)  # raises a ValueError listing the valid names
+    unused = [
+        o
+        for o in config.options
+        if not any(o in gg.estimator_options(m) for m in methods)
+    ]
+    if unused:
+        raise ValueError(f"No method in {list(methods)} takes option(s) {unused}.")
+    configs = [
+        dataclasses.replace(config, method=m, options=options_for(m, config.options))
+        for m in methods
+    ]
+    for method_config in configs:
+        validate(method_config)
+    return configs
+
+
+def compare(config: Config, methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Runs each of ``methods`` with ``config`` (same data, seed, budget); returns one row per method.
+
+    Each method runs in ``<workdir>/<method>`` and is passed only the options of
+    ``config.options`` it takes (an option no listed method takes is an
+    error). Writes compare.json and compare.md (a Markdown table) to the
+    workdir and prints the table.
+    """
+    methods = list(methods)
+    configs = method_configs(config, methods)
+    workdir = os.path.abspath(config.workdir or default_workdir(config, "compare"))
+    print(f"comparing {', '.join(methods)} in {workdir}")
+    rows = []
+    for method_config in configs:
+        results = run(
+            dataclasses.replace(
+                method_config, workdir=os.path.join(workdir, method_config.method)
+            )
+        )
+        if results["status"] != "done":
+            print(
+                f"compare: {method_config.method} stopped at step {results['step']}; not tabulated"
+            )
+            return rows
+        rows.append(
+            {key: results[key] for _, key, _ in _COLUMNS}
+            | {"workdir": results["workdir"]}
+        )
+    config_record = _jsonable(dataclasses.asdict(config)) | {"workdir": workdir}
+    _write_json(
+        os.path.join(workdir, COMPARE_JSON),
+        {"config": config_record, "methods": methods, "rows": rows},
+    )
+    title = f"{config.dataset}, MLP {config.depth}x{config.width}, {config.optimizer} lr={config.learning_rate:g}, seed {config.seed}"
+    with open(os.path.join(workdir, COMPARE_MD), "w", encoding="utf-8") as f:
+        f.write(f"# {title}\n\n{markdown_table(rows)}\n")
+    print(f"\n{title}\n{format_table(rows)}")
+    print(f"comparison in {workdir}: {COMPARE_JSON}, {COMPARE_MD}")
+    return rows
+
+
+__all__ = [
+    "Config",
+    "Interrupted",
+    "WorkdirError",
+    "checkpoint_steps",
+    "compare",
+    "default_workdir",
+    "device_info",
+    "evaluate",
+    "format_table",
+    "make_eval_fn",
+    "markdown_table",
+    "method_configs",
+    "options_for",
+    "parse_methods",
+    "plot_curves",
+    "read_metrics",
+    "resolved_options",
+    "run",
+    "total_steps",
+    "validate",
+]

@@ -1,0 +1,135 @@
+"""The public contract: pure, jittable, vmappable, deterministic, with clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import guessgrad as gg
+
+from conftest import flat, make_batch
+
+OPTIONS = {"wperp": {"rank": 3}, "wperp_ns": {"rank": 3}}
+
+
+def estimator(name, model, **kwargs):
+    return gg.get_estimator(name, model, **{**OPTIONS.get(name, {}), **kwargs})
+
+
+@pytest.mark.parametrize("name", list(gg.ESTIMATORS))
+def test_contract_jit_vmap_determinism(name, small_mlp):
+    model, params, batch = small_mlp
+    traces = []
+
+    def counted(params, batch, key):
+        traces.append(1)
+        return estimator(name, model)(params, batch, key)
+
+    jitted = jax.jit(counted)
+    key = jax.random.key(5)
+    grads = jitted(params, batch, key)
+    # exact tree structure, shapes and dtypes of params
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    jax.tree.map(lambda g, p: (g.shape, g.dtype) == (p.shape, p.dtype) or pytest.fail(name), grads, params)
+    # a second call with new values does not recompile
+    jitted(jax.tree.map(lambda p: p * 1.01, params), batch, jax.random.key(6))
+    assert len(traces) == 1
+    # jit and non-jit agree; same key, same answer
+    eager = estimator(name, model)(params, batch, key)
+    np.testing.assert_allclose(flat(eager), flat(grads), rtol=2e-4, atol=1e-6)
+    np.testing.assert_array_equal(flat(jitted(params, batch, key)), flat(grads))
+    # vmap over keys equals a loop
+    keys = jax.random.split(jax.random.key(8), 3)
+    batched = jax.jit(jax.vmap(estimator(name, model), in_axes=(None, None, 0)))(params, batch, keys)
+    for i, k in enumerate(keys):
+        np.testing.assert_allclose(
+            flat(jax.tree.map(lambda g: g[i], batched)), flat(jitted(params, batch, k)), rtol=2e-4, atol=1e-6
+        )
+    # different keys give different guesses (backprop excepted)
+    if name != "backprop":
+        assert not np.allclose(flat(jitted(params, batch, keys[0])), flat(jitted(params, batch, keys[1])))
+
+
+def _separable_problem():
+    """64 points in 6-d, 4 classes given by a fixed random linear map: learnable by an MLP."""
+    x = jax.random.normal(jax.random.key(0), (64, 6))
+    labels = jnp.argmax(x @ jax.random.normal(jax.random.key(1), (6, 4)), -1)
+    return {"image": x, "label": labels.astype(jnp.int32)}
+
+
+@pytest.mark.parametrize("name", list(gg.ESTIMATORS))
+def test_training_lowers_the_loss(name):
+    batch = _separable_problem()
+    model = gg.models.MLP(depth=3, width=16, num_classes=4)
+    params = model.init(jax.random.key(2), batch["image"])
+    optimizer = gg.make_optimizer("adamw", 1e-2)
+    step = gg.make_train_step(gg.build_estimator(name, model, **OPTIONS.get(name, {})), optimizer)
+    state = gg.init_train_state(params, optimizer, jax.random.key(3))
+    _, first = step(state, batch)
+
+    def body(state, _):
+        return step(state, batch)
+
+    state, metrics = jax.lax.scan(body, state, None, length=300)
+    # the loss is the forward pass's own; it must fall by at least a quarter
+    assert float(metrics["loss"][-20:].mean()) < 0.75 * float(first["loss"]), name
+
+
+def test_unknown_names_and_options_list_the_valid_choices(small_mlp):
+    model, _, _ = small_mlp
+    with pytest.raises(ValueError, match="valid names: backprop, directional"):
+        gg.get_estimator("wtt", model)
+    with pytest.raises(ValueError, match=r"valid options: .*num_guesses=1.*normalize=True.*mode="):
+        gg.get_estimator("wt", model, rank=3)
+    with pytest.raises(ValueError, match=r"mode must be one of \('joint', 'per_layer'\)"):
+        gg.get_estimator("wt", model, mode="both")
+    with pytest.raises(ValueError, match="num_guesses must be a positive integer"):
+        gg.get_estimator("mixing", model, num_guesses=0)
+    with pytest.raises(ValueError, match="Unknown optimizer 'adam'; valid names: adamw, sgd"):
+        gg.make_optimizer("adam", 1e-3)
+
+
+@pytest.mark.parametrize(
+    "batch,message",
+    [
+        ({"image": jnp.zeros((4, 6))}, 'must be a dict with "image"'),
+        ({"image": jnp.zeros((4, 6), jnp.uint8), "label": jnp.zeros(4, jnp.int32)}, "floating array"),
+        ({"image": jnp.zeros((4, 6)), "label": jnp.zeros((4, 1), jnp.int32)}, r"shape \[B\]"),
+        ({"image": jnp.zeros((4, 6)), "label": jnp.zeros(3, jnp.int32)}, "4 examples but"),
+        ({"image": jnp.zeros((4, 7)), "label": jnp.zeros(4, jnp.int32)}, r"batch\[\"image\"\] has shape"),
+    ],
+)
+def test_bad_batches_say_what_was_expected(small_mlp, batch, message):
+    model, params, _ = small_mlp
+    for name in ("wt", "backprop"):
+        with pytest.raises(ValueError, match=message):
+            gg.get_estimator(name, model)(params, batch, jax.random.key(0))
+
+
+def test_models_other_than_chains_are_rejected():
+    import flax.linen as nn
+
+    with pytest.raises(TypeError, match="guessgrad.models.Chain"):
+        gg.get_estimator("wt", nn.Dense(3))
+
+
+def test_stable_adamw_is_adamw_until_the_update_rms_exceeds_one():
+    lr, eps, wd = 1e-2, 1e-6, 1e-4
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    stable, reference = gg.stable_adamw(lr, eps=eps, weight_decay=wd), optax.adamw(lr, 0.9, 0.99, eps, weight_decay=wd)
+    s_state, r_state = stable.init(params), reference.init(params)
+    # steady gradients: g^2 / v_hat = 1 at step 1, so no clipping: identical to AdamW
+    g = {"w": jnp.array([0.5, -1.0, 2.0])}
+    s_up, s_state = stable.update(g, s_state, params)
+    r_up, r_state = reference.update(g, r_state, params)
+    np.testing.assert_allclose(s_up["w"], r_up["w"], rtol=1e-5)
+    # a sudden 100x gradient: v_hat lags, RMS = sqrt(mean(g^2 / v_hat)) > 1 and divides the step
+    spike = {"w": 100 * g["w"]}
+    s_up, _ = stable.update(spike, s_state, params)
+    r_up, _ = reference.update(spike, r_state, params)
+    b2, count = 0.99, 2
+    v_hat = ((1 - b2) * (b2 * g["w"] ** 2 + spike["w"] ** 2)) / (1 - b2**count)
+    rms = jnp.sqrt(jnp.mean(spike["w"] ** 2 / v_hat))
+    assert rms > 1
+    np.testing.assert_allclose(s_up["w"], r_up["w"] / rms, rtol=1e-4)
