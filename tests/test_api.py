@@ -133,3 +133,26 @@ def test_stable_adamw_is_adamw_until_the_update_rms_exceeds_one():
     rms = jnp.sqrt(jnp.mean(spike["w"] ** 2 / v_hat))
     assert rms > 1
     np.testing.assert_allclose(s_up["w"], r_up["w"] / rms, rtol=1e-4)
+
+
+ACTIVATION_SPACE = ["activation_perturbation", "wt", "downstream", "mixing", "wperp", "wperp_ns", "self_sharpening"]
+
+
+@pytest.mark.parametrize("name", ACTIVATION_SPACE)
+def test_lean_mode_gives_the_joint_estimate(name):
+    """Recomputing the forward pass and regenerating the guesses from the same keys
+    reproduces joint mode's estimate, with one guess and with several."""
+    model = gg.models.MLP(depth=4, width=16, num_classes=5)
+    batch = make_batch(jax.random.key(0), batch_size=8, shape=(12,))
+    params = model.init(jax.random.key(1), batch["image"])
+    for num_guesses in (1, 3):
+        options = {**OPTIONS.get(name, {}), "mode": "joint", "num_guesses": num_guesses}
+        joint = jax.jit(gg.get_estimator(name, model, **options))(params, batch, jax.random.key(3))
+        lean = jax.jit(gg.get_estimator(name, model, lean=True, **options))(params, batch, jax.random.key(3))
+        np.testing.assert_allclose(flat(lean), flat(joint), rtol=1e-5, atol=1e-6)
+
+
+def test_lean_mode_needs_joint_mode(small_mlp):
+    model, _, _ = small_mlp
+    with pytest.raises(ValueError, match="lean=True needs mode='joint'"):
+        gg.get_estimator("wt", model, lean=True, mode="per_layer")

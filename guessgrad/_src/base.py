@@ -1,6 +1,7 @@
 """Type aliases shared across guessgrad."""
 
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import jax
 

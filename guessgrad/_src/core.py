@@ -17,7 +17,8 @@ between layers in reverse.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ def check_input(model, params: Params, image: Array) -> None:
     """Raises a ValueError when the model's parameters cannot take ``image`` (checked abstractly)."""
     try:
         jax.eval_shape(model.apply, params, image)
-    except Exception as err:  # noqa: BLE001 - re-raised with what the user needs to know
+    except Exception as err:
         reason = str(err).splitlines()[0]
         raise ValueError(
             f'batch["image"] has shape {jnp.shape(image)}, which these params do not accept: {reason}'
@@ -173,12 +174,16 @@ def local_parameter_grads(
     ``site_grads[l]`` estimates ``dl_b/ds_l`` per example; the batch loss is the
     mean, hence the ``1/B``.
     """
-    grads = []
-    for site_fn, theta, x, g in zip(fns.site_fns, layer_params, inputs, site_grads):
-        _, vjp = jax.vjp(lambda p, site_fn=site_fn, x=x: site_fn(p, x), theta)
-        (grad,) = vjp(g / g.shape[0])
-        grads.append(grad)
-    return tuple(grads)
+    return tuple(
+        local_grad(site_fn, theta, x, g)
+        for site_fn, theta, x, g in zip(fns.site_fns, layer_params, inputs, site_grads)
+    )
+
+
+def local_grad(site_fn: Callable, theta: Params, x: Array, site_grad: Array) -> Params:
+    """One site map's VJP w.r.t. its own parameters at cotangent ``site_grad / B``."""
+    _, vjp = jax.vjp(lambda p: site_fn(p, x), theta)
+    return vjp(site_grad / site_grad.shape[0])[0]
 
 
 def normalize_per_example(y: Array) -> Array:
@@ -196,3 +201,80 @@ def _scale_examples(scale: Array, y: Array) -> Array:
 
 def accuracy(logits: Array, labels: Array) -> Array:
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+# --- memory-lean joint mode ------------------------------------------------------
+#
+# The passes above keep every layer's linearisation (masks, inputs) alive until
+# the tangents are pushed: as much memory as backprop's stored activations. The
+# lean passes below keep none. Pass 1 runs primal and tangent together, layer
+# by layer, drawing each site's guess as the site is reached; pass 2 recomputes
+# the forward pass layer by layer, regenerates the same guesses from the same
+# keys and applies each site's local VJP at once. Optimisation barriers pin the
+# order (a guess is drawn only once its site exists; layer l+1 runs only after
+# layer l's update is formed) and stop XLA from merging pass 2's forward with
+# pass 1's, which would bring the stored activations back.
+
+
+def _barrier(*values):
+    return jax.lax.optimization_barrier(values)
+
+
+def _window_context(fns: ChainFns, rule, layer_params, labels, index: int, site: Array):
+    """A guess context holding site ``index`` and the ``rule.lookahead`` sites after it (recomputed)."""
+    from guessgrad._src import guesses
+
+    sites = [None] * fns.num_sites
+    sites[index] = site
+    for later in range(index + 1, min(index + rule.lookahead, fns.num_sites - 1) + 1):
+        site = fns.site_fns[later](layer_params[later], fns.activation(site))
+        sites[later] = site
+    return guesses.context(fns, layer_params, sites, labels, rule)
+
+
+def _lean_guess(fns, rule, layer_params, labels, index, site, key, normalize):
+    from guessgrad._src import guesses
+
+    impl = jax.random.key_impl(key)
+    site, key_data = _barrier(site, jax.random.key_data(key))
+    ctx = _window_context(fns, rule, layer_params, labels, index, site)
+    guess = guesses.site_guess(rule, ctx, index, jax.random.wrap_key_data(key_data, impl=impl))
+    return normalize_per_example(guess) if normalize else guess
+
+
+def lean_joint_derivative(fns, rule, layer_params, x0, labels, key, normalize: bool):
+    """Pass 1: ``(d [B], losses [B], logits)`` with no per-layer state kept."""
+    site = fns.site_fns[0](layer_params[0], x0)
+    tangent = _lean_guess(fns, rule, layer_params, labels, 0, site, key, normalize)
+    for index in range(1, fns.num_sites):
+        site, tangent = _barrier(site, tangent)
+
+        def step(prev_site, index=index):
+            return fns.site_fns[index](layer_params[index], fns.activation(prev_site))
+
+        site, tangent = jax.jvp(step, (site,), (tangent,))
+        tangent = tangent + _lean_guess(fns, rule, layer_params, labels, index, site, key, normalize)
+    losses, derivative = jax.jvp(lambda logits: per_example_loss(logits, labels), (site,), (tangent,))
+    return derivative, losses, site
+
+
+def lean_parameter_grads(fns, rule, layer_params, x0, labels, keys, derivatives, normalize: bool):
+    """Pass 2: recompute layer by layer, regenerate the guesses of ``keys`` [K] and form
+    ``sum_b (mean_k d_{k,b} y_{k,l,b}) dS_l/dtheta_l / B`` for each site at once."""
+    # A fresh x_0 makes every recomputed value new to XLA (no merging with pass 1);
+    # the parameters stay outside the barrier, which would copy them.
+    x, derivatives = _barrier(x0, derivatives)
+    grads = []
+    for index in range(fns.num_sites):
+        site = fns.site_fns[index](layer_params[index], x)
+        guesses_k = jax.vmap(
+            lambda key, index=index, site=site: _lean_guess(
+                fns, rule, layer_params, labels, index, site, key, normalize
+            )
+        )(keys)
+        site_grad = jnp.mean(jax.vmap(_scale_examples)(derivatives, guesses_k), axis=0)
+        grad = local_grad(fns.site_fns[index], layer_params[index], x, site_grad)
+        grads.append(grad)
+        if index + 1 < fns.num_sites:
+            x = fns.activation(site)
+    return tuple(grads)

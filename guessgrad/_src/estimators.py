@@ -9,7 +9,7 @@ forward pass computed anyway (the batch loss and accuracy).
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +17,26 @@ from jax.flatten_util import ravel_pytree
 
 from guessgrad._src import core
 from guessgrad._src import guesses as rules
-from guessgrad._src.base import Array, Batch, Estimator, EstimateFn, Params, PRNGKey
+from guessgrad._src.base import Array, Batch, EstimateFn, Estimator, Params, PRNGKey
 from guessgrad._src.models import chain_fns
 
 DEFAULT_MODE = "per_layer"
 
 
-def _check_common(num_guesses: int, mode: str) -> None:
+# Options every activation-space estimator takes, with their defaults.
+COMMON_OPTIONS = {"num_guesses": 1, "normalize": True, "mode": DEFAULT_MODE, "lean": False}
+
+
+def _check_common(num_guesses: int, mode: str, lean: bool = False) -> None:
     if not isinstance(num_guesses, int) or isinstance(num_guesses, bool) or num_guesses < 1:
         raise ValueError(f"num_guesses must be a positive integer; got {num_guesses!r}.")
     if mode not in core.MODES:
         raise ValueError(f"mode must be one of {core.MODES}; got {mode!r}.")
+    if lean and mode != "joint":
+        raise ValueError(
+            "lean=True needs mode='joint': per-layer derivatives carry one tangent per earlier "
+            "site through every layer, as much memory as the activations lean mode avoids."
+        )
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -48,7 +57,13 @@ def _metrics(logits: Array, labels: Array, losses: Array) -> dict[str, Array]:
 
 
 def activation_space(
-    model, rule: rules.GuessRule, *, num_guesses: int = 1, normalize: bool = True, mode: str = DEFAULT_MODE
+    model,
+    rule: rules.GuessRule,
+    *,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
 ) -> Estimator:
     """The forward-gradient recipe in activation space, for any guess rule.
 
@@ -59,9 +74,29 @@ def activation_space(
     (vmapped). In expectation ``E[g_l] = Cov(y_l) dl/ds_l`` (exactly in
     ``per_layer`` mode; in ``joint`` mode when guesses of different sites are
     independent and zero-mean).
+
+    ``lean=True`` (joint mode only) keeps no per-layer activations: one forward
+    pass computes primal and tangent together, then a second recomputes the
+    forward layer by layer and regenerates the same guesses from the same keys
+    to form the updates. Same estimate, memory nearly flat in depth, about one
+    extra forward pass of time.
     """
-    _check_common(num_guesses, mode)
+    _check_common(num_guesses, mode, lean)
     fns = chain_fns(model)
+
+    def estimate_lean(params: Params, batch: Batch, key: PRNGKey):
+        image, labels = core.validate_batch(batch)
+        layer_params = core.split_params(fns, params)
+        core.check_input(model, params, image)
+        x0, keys = fns.preprocess(image), guess_keys(key, num_guesses)
+        derivatives, losses, logits = jax.vmap(
+            lambda k: core.lean_joint_derivative(fns, rule, layer_params, x0, labels, k, normalize)
+        )(keys)
+        grads = core.lean_parameter_grads(fns, rule, layer_params, x0, labels, keys, derivatives, normalize)
+        return core.join_params(fns, grads), _metrics(logits[0], labels, losses[0])
+
+    if lean:
+        return estimate_lean
 
     def estimate(params: Params, batch: Batch, key: PRNGKey):
         image, labels = core.validate_batch(batch)
@@ -137,58 +172,45 @@ def directional(model, *, num_guesses: int = 1, normalize: bool = False) -> Esti
     return estimate
 
 
-def activation_perturbation(model, *, num_guesses=1, normalize=True, mode=DEFAULT_MODE) -> Estimator:
+def activation_perturbation(model, **common) -> Estimator:
     """Activity perturbation: y = eps ~ N(0, I) at every site. Unbiased."""
-    rule = rules.rule_from(rules.gaussian_hidden)
-    return activation_space(model, rule, num_guesses=num_guesses, normalize=normalize, mode=mode)
+    return activation_space(model, rules.rule_from(rules.gaussian_hidden, lookahead=0), **common)
 
 
-def wt(model, *, num_guesses=1, normalize=True, mode=DEFAULT_MODE) -> Estimator:
-    """W^T: ``y_l = D_l W_{l+1}^T eps``; eps ~ N(0, I) at the logits. Cov = D W^T W D (biased)."""
-    rule = rules.rule_from(rules.wt_hidden)
-    return activation_space(model, rule, num_guesses=num_guesses, normalize=normalize, mode=mode)
+def wt(model, **common) -> Estimator:
+    """W^T: ``y_l = D_l W_{l+1}^T eps``, eps ~ N(0, I) at ``s_{l+1}``. Cov = D W^T W D (biased)."""
+    return activation_space(model, rules.rule_from(rules.wt_hidden), **common)
 
 
-def downstream(model, *, depth: int = 1, num_guesses=1, normalize=True, mode=DEFAULT_MODE) -> Estimator:
+def downstream(model, *, depth: int = 1, **common) -> Estimator:
     """eps at ``x_{l+1+depth}`` pulled back to ``s_l`` by the VJP of the layers between. Biased."""
     _check_positive_int("depth", depth)
-    rule = rules.rule_from(rules.downstream_hidden(depth))
-    return activation_space(model, rule, num_guesses=num_guesses, normalize=normalize, mode=mode)
+    rule = rules.rule_from(rules.downstream_hidden(depth), lookahead=depth)
+    return activation_space(model, rule, **common)
 
 
-def mixing(model, *, num_guesses=1, normalize=True, mode=DEFAULT_MODE) -> Estimator:
+def mixing(model, **common) -> Estimator:
     """Activation mixing: ``y_{l,b} = D_{l,b} sum_j alpha_{bj} x_{l+1,j}``. Cov = activations' (biased)."""
-    rule = rules.rule_from(rules.mixing_hidden)
-    return activation_space(model, rule, num_guesses=num_guesses, normalize=normalize, mode=mode)
+    return activation_space(model, rules.rule_from(rules.mixing_hidden, lookahead=0), **common)
 
 
-def wperp(model, *, rank: int = 10, num_guesses=1, normalize=True, mode=DEFAULT_MODE) -> Estimator:
+def wperp(model, *, rank: int = 10, **common) -> Estimator:
     """W-perp: y = V_k z in the top-``rank`` right singular subspace of ``W_{l+1} D_l`` (exact SVD)."""
     _check_positive_int("rank", rank)
-    rule = rules.rule_from(rules.wperp_hidden(rank))
-    return activation_space(model, rule, num_guesses=num_guesses, normalize=normalize, mode=mode)
+    return activation_space(model, rules.rule_from(rules.wperp_hidden(rank)), **common)
 
 
-def wperp_ns(
-    model,
-    *,
-    rank: int = 10,
-    power_iters: int = 2,
-    ns_steps: int = 5,
-    num_guesses=1,
-    normalize=True,
-    mode=DEFAULT_MODE,
-) -> Estimator:
+def wperp_ns(model, *, rank: int = 10, power_iters: int = 2, ns_steps: int = 5, **common) -> Estimator:
     """W-perp with the SVD replaced by Newton-Schulz subspace iteration (approximate, fast)."""
     _check_positive_int("rank", rank)
     if not isinstance(power_iters, int) or power_iters < 0:
         raise ValueError(f"power_iters must be a non-negative integer; got {power_iters!r}.")
     _check_positive_int("ns_steps", ns_steps)
     rule = rules.rule_from(rules.wperp_ns_hidden(rank, power_iters, ns_steps))
-    return activation_space(model, rule, num_guesses=num_guesses, normalize=normalize, mode=mode)
+    return activation_space(model, rule, **common)
 
 
-def self_sharpening(model, *, num_guesses=1, normalize=True, mode=DEFAULT_MODE) -> Estimator:
+def self_sharpening(model, **common) -> Estimator:
     """1-layer downstream with eps ~ U(-1, 1); the last layer's guess is the true error.
 
     The one method whose guess reads the label (at the logits only). Pairs with
@@ -197,7 +219,7 @@ def self_sharpening(model, *, num_guesses=1, normalize=True, mode=DEFAULT_MODE) 
     rule = rules.rule_from(
         rules.downstream_hidden(1, noise="uniform"), last=rules.true_error_last, needs_label=True
     )
-    return activation_space(model, rule, num_guesses=num_guesses, normalize=normalize, mode=mode)
+    return activation_space(model, rule, **common)
 
 
 def oracle_angle(model, *, cosine: float = 0.03) -> Estimator:
@@ -242,12 +264,11 @@ ESTIMATORS: dict[str, Callable[..., Estimator]] = {
 
 def estimator_options(name: str) -> dict[str, object]:
     """The keyword options of estimator ``name`` and their defaults."""
-    factory = _lookup(name)
-    return {
-        p.name: p.default
-        for p in inspect.signature(factory).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    parameters = inspect.signature(_lookup(name)).parameters.values()
+    options = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        options.update(COMMON_OPTIONS)  # activation-space methods pass these on
+    return options
 
 
 def _lookup(name: str) -> Callable[..., Estimator]:

@@ -13,7 +13,8 @@ for a dense matrix.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,18 +75,22 @@ LastRule = Callable[[GuessContext, PRNGKey], Array]
 
 
 class GuessRule(NamedTuple):
-    """A method's guess: ``hidden(ctx, l, key)`` for sites before the logits, ``last`` for the logits."""
+    """A method's guess: ``hidden(ctx, l, key)`` for sites before the logits, ``last`` for the logits.
+
+    ``lookahead``: how many sites after ``l`` the hidden rule reads (W^T reads
+    ``s_{l+1}``, k-downstream ``s_{l+k}``), so a pass that keeps no activations
+    knows how far ahead to recompute.
+    """
 
     hidden: HiddenRule
     last: LastRule
     needs_label: bool = False
+    lookahead: int = 1
 
 
 def make_guesses(rule: GuessRule, ctx: GuessContext, key: PRNGKey) -> tuple[Array, ...]:
     """One guess per site, each from ``jax.random.fold_in(key, l)``."""
-    last = ctx.num_sites - 1
-    hidden = tuple(rule.hidden(ctx, l, jax.random.fold_in(key, l)) for l in range(last))
-    return hidden + (rule.last(ctx, jax.random.fold_in(key, last)),)
+    return tuple(site_guess(rule, ctx, index, key) for index in range(ctx.num_sites))
 
 
 # --- the rules ----------------------------------------------------------------
@@ -207,7 +212,7 @@ def wperp_ns_hidden(rank: int, power_iters: int, ns_steps: int) -> HiddenRule:
         push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n]->[B,p,m]
         omega_key, z_key = jax.random.split(key)
         omega = jax.random.normal(omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype)
-        flat = lambda x: x.reshape(x.shape[:2] + (-1,))  # noqa: E731
+        flat = lambda x: x.reshape(x.shape[:2] + (-1,))
         block = newton_schulz_rows(flat(pull_block(omega)), ns_steps).reshape(
             (site.shape[0], rank) + site.shape[1:]
         )
@@ -220,8 +225,18 @@ def wperp_ns_hidden(rank: int, power_iters: int, ns_steps: int) -> HiddenRule:
     return rule
 
 
-def rule_from(hidden: HiddenRule, last: LastRule = gaussian_last, needs_label: bool = False) -> GuessRule:
-    return GuessRule(hidden=hidden, last=last, needs_label=needs_label)
+def rule_from(
+    hidden: HiddenRule, last: LastRule = gaussian_last, needs_label: bool = False, lookahead: int = 1
+) -> GuessRule:
+    return GuessRule(hidden=hidden, last=last, needs_label=needs_label, lookahead=lookahead)
+
+
+def site_guess(rule: GuessRule, ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+    """The guess at site ``index`` from the per-guess ``key`` (as :func:`make_guesses` draws it)."""
+    site_key = jax.random.fold_in(key, index)
+    if index == ctx.num_sites - 1:
+        return rule.last(ctx, site_key)
+    return rule.hidden(ctx, index, site_key)
 
 
 def context(

@@ -13,7 +13,8 @@ from :meth:`Chain.layer_modules`; every estimator then works on it.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
