@@ -35,7 +35,9 @@ def box_muller(key, shape):
     u1 = (bits[0] >> 8).astype(jnp.float32) * scale + 0.5 * scale  # in (0, 1)
     u2 = (bits[1] >> 8).astype(jnp.float32) * scale
     radius, angle = jnp.sqrt(-2.0 * jnp.log(u1)), 2 * jnp.pi * u2
-    return jnp.concatenate([radius * jnp.cos(angle), radius * jnp.sin(angle)])[:n].reshape(shape)
+    return jnp.concatenate([radius * jnp.cos(angle), radius * jnp.sin(angle)])[
+        :n
+    ].reshape(shape)
 
 
 def main(argv):
@@ -44,10 +46,19 @@ def main(argv):
     shape = (FLAGS.size, FLAGS.size)
     ones = jnp.ones(shape)
     candidates = {
-        "normal, threefry (default)": (jax.random.key(0), lambda k: jax.random.normal(k, shape)),
-        "normal, rbg": (jax.random.key(0, impl="rbg"), lambda k: jax.random.normal(k, shape)),
+        "normal, threefry (default)": (
+            jax.random.key(0),
+            lambda k: jax.random.normal(k, shape),
+        ),
+        "normal, rbg": (
+            jax.random.key(0, impl="rbg"),
+            lambda k: jax.random.normal(k, shape),
+        ),
         "Box-Muller, threefry": (jax.random.key(0), lambda k: box_muller(k, shape)),
-        "bits only, threefry": (jax.random.key(0), lambda k: jax.random.bits(k, shape, jnp.uint32)),
+        "bits only, threefry": (
+            jax.random.key(0),
+            lambda k: jax.random.bits(k, shape, jnp.uint32),
+        ),
         "matmul size^3 (for scale)": (ones, lambda x: x @ x),
     }
     compiled = {name: (arg, jax.jit(fn)) for name, (arg, fn) in candidates.items()}
@@ -60,7 +71,9 @@ def main(argv):
             fn(arg).block_until_ready()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["normal, threefry (default)"])
-    print(f"device: {jax.devices()[0].device_kind}; {FLAGS.size}x{FLAGS.size} numbers\n")
+    print(
+        f"device: {jax.devices()[0].device_kind}; {FLAGS.size}x{FLAGS.size} numbers\n"
+    )
     print("| generator | median ms | x default |\n|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)

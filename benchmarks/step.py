@@ -15,7 +15,16 @@ ratio to backprop's. Writes the rows as JSON to ``--out``.
 
 from __future__ import annotations
 
-import json
+import os
+
+# XLA:CPU's concurrency-optimised scheduler keeps buffers alive to run
+# independent ops in parallel (and deadlocked on batched QR here): measure
+# memory under the sequential, memory-minimising schedule.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+)
+
+import json  # noqa: E402
 import platform
 import statistics
 import time
@@ -28,16 +37,36 @@ from absl import app, flags
 import guessgrad as gg
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "One-minute version: 3x128 and 6x1024 at batch 128, fewer repeats.")
-flags.DEFINE_list("sizes", None, "Sizes as depth x width x batch, e.g. 6x1024x128 (default: all).")
-flags.DEFINE_list("methods", None, "Methods (default: all; activation-space ones in both modes).")
-flags.DEFINE_list("modes", list(gg.MODES), "Modes to measure for activation-space methods.")
+flags.DEFINE_bool(
+    "quick", False, "One-minute version: 3x128 and 6x1024 at batch 128, fewer repeats."
+)
+flags.DEFINE_list(
+    "sizes", None, "Sizes as depth x width x batch, e.g. 6x1024x128 (default: all)."
+)
+flags.DEFINE_list(
+    "methods", None, "Methods (default: all; activation-space ones in both modes)."
+)
+flags.DEFINE_list(
+    "modes",
+    [*gg.MODES, "lean"],
+    "Modes for activation-space methods (lean = joint, lean=True).",
+)
 flags.DEFINE_integer("repeats", 15, "Timed rounds (each round runs every method once).")
-flags.DEFINE_float("max_seconds", 240.0, "Stop adding rounds for a size after this long.")
+flags.DEFINE_float(
+    "max_seconds", 240.0, "Stop adding rounds for a size after this long."
+)
 flags.DEFINE_string("out", "benchmark_step.json", "Where to write the rows as JSON.")
 
-FULL_SIZES = ("3x128x128", "3x128x1024", "6x1024x128", "6x1024x1024",
-              "12x1024x128", "12x1024x1024", "24x1024x128", "24x1024x1024")
+FULL_SIZES = (
+    "3x128x128",
+    "3x128x1024",
+    "6x1024x128",
+    "6x1024x1024",
+    "12x1024x128",
+    "12x1024x1024",
+    "24x1024x128",
+    "24x1024x1024",
+)
 QUICK_SIZES = ("3x128x128", "6x1024x128")
 INPUT_FEATURES, NUM_CLASSES = 784, 10
 # Exact W-perp takes one SVD per example and layer: minutes per step at width 1024.
@@ -46,7 +75,9 @@ WPERP_MAX_WIDTH = 256
 WPERP_NS_MAX_MACS = 6 * 1024 * 1024 * 1024
 
 
-def floor_macs(method: str, mode: str | None, widths: list[int], batch: int, options: dict) -> float | None:
+def floor_macs(
+    method: str, mode: str | None, widths: list[int], batch: int, options: dict
+) -> float | None:
     """Matrix multiply-adds of one step's estimate for a dense chain ``widths[0] -> ... -> widths[-1]``.
 
     ``F_l = B n_{l-1} n_l`` is layer l's forward product. Backprop: forward,
@@ -63,18 +94,23 @@ def floor_macs(method: str, mode: str | None, widths: list[int], batch: int, opt
         return 3 * total - f[0]
     if method == "directional":  # forward and its tangent (x dW + dx W)
         return total + 2 * total - f[0]
-    if mode == "joint":
+    if mode in ("joint", "lean"):
         tangent = after_first
     else:
         tangent = sum(index * cost for index, cost in enumerate(f))
     hidden = widths[1:-1]
     if method == "activation_perturbation":
         guess = 0
-    elif method in ("wt", "self_sharpening") or (method == "downstream" and options.get("depth", 1) == 1):
+    elif method in ("wt", "self_sharpening") or (
+        method == "downstream" and options.get("depth", 1) == 1
+    ):
         guess = after_first
     elif method == "downstream":
         k = options["depth"]
-        guess = sum(sum(f[m] for m in range(l + 1, min(l + 1 + k, len(f)))) for l in range(len(f) - 1))
+        guess = sum(
+            sum(f[m] for m in range(l + 1, min(l + 1 + k, len(f))))
+            for l in range(len(f) - 1)
+        )
     elif method == "mixing":
         guess = sum(batch * batch * n for n in hidden)
     elif method == "wperp_ns":
@@ -82,13 +118,20 @@ def floor_macs(method: str, mode: str | None, widths: list[int], batch: int, opt
         guess = rank * (1 + 2 * iters) * after_first
     else:
         return None
+    if mode == "lean":  # pass 2 recomputes the forward pass and the guesses
+        return 3 * total + tangent + 2 * guess
     return 2 * total + tangent + guess
 
 
 def compiled_bytes(compiled) -> int:
     """Temporaries + arguments + outputs - aliased: what the computation holds at once, at most."""
     m = compiled.memory_analysis()
-    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return (
+        m.temp_size_in_bytes
+        + m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def variants(methods, modes):
@@ -103,12 +146,17 @@ def variants(methods, modes):
 def skip_reason(name: str, depth: int, width: int, batch: int) -> str | None:
     if name == "wperp" and width > WPERP_MAX_WIDTH:
         return f"exact SVD per example: too slow above width {WPERP_MAX_WIDTH}"
-    if name == "wperp_ns" and depth * width * width * batch > WPERP_NS_MAX_MACS * width // 1024:
+    if (
+        name == "wperp_ns"
+        and depth * width * width * batch > WPERP_NS_MAX_MACS * width // 1024
+    ):
         return "skipped at this size (power iterations on 10 vectors per example)"
     return None
 
 
-def measure_size(size: str, methods, modes, repeats: int, max_seconds: float) -> list[dict]:
+def measure_size(
+    size: str, methods, modes, repeats: int, max_seconds: float
+) -> list[dict]:
     depth, width, batch = (int(v) for v in size.split("x"))
     model = gg.models.MLP(depth, width, NUM_CLASSES)
     key = jax.random.key(0)
@@ -121,19 +169,36 @@ def measure_size(size: str, methods, modes, repeats: int, max_seconds: float) ->
     for name, mode in variants(methods, modes):
         reason = skip_reason(name, depth, width, batch)
         if reason:
-            rows.append({"size": size, "method": name, "mode": mode or "-", "skipped": reason})
+            rows.append(
+                {"size": size, "method": name, "mode": mode or "-", "skipped": reason}
+            )
             continue
-        options = {"mode": mode} if mode else {}
+        options = (
+            {"mode": "joint", "lean": True}
+            if mode == "lean"
+            else {"mode": mode}
+            if mode
+            else {}
+        )
         estimator = gg.build_estimator(name, model, **options)
         step = gg.make_train_step(estimator, optimizer)
         state = gg.init_train_state(params, optimizer, key)
         step_compiled = step.lower(state, data).compile()
         estimate_compiled = jax.jit(estimator).lower(params, data, key).compile()
         jax.block_until_ready(step_compiled(state, data))  # warm-up
-        entries.append({"name": name, "mode": mode, "step": step_compiled, "state": state,
-                        "options": options, "times": [],
-                        "step_bytes": compiled_bytes(step_compiled),
-                        "estimate_bytes": compiled_bytes(estimate_compiled)})
+        entries.append(
+            {
+                "name": name,
+                "mode": mode,
+                "step": step_compiled,
+                "state": state,
+                "options": options,
+                "times": [],
+                "step_bytes": compiled_bytes(step_compiled),
+                "estimate_bytes": compiled_bytes(estimate_compiled),
+                "estimate_temp": estimate_compiled.memory_analysis().temp_size_in_bytes,
+            }
+        )
     start = time.perf_counter()
     for round_index in range(repeats):
         for entry in entries:
@@ -147,33 +212,49 @@ def measure_size(size: str, methods, modes, repeats: int, max_seconds: float) ->
     base_floor = floor_macs("backprop", None, widths, batch, {})
     for entry in entries:
         median = statistics.median(entry["times"])
-        floor = floor_macs(entry["name"], entry["mode"], widths, batch, entry["options"])
-        rows.append({
-            "size": size, "method": entry["name"], "mode": entry["mode"] or "-",
-            "median_ms": 1e3 * median, "ratio": median / base_time,
-            "floor_ratio": None if floor is None else floor / base_floor,
-            "examples_per_s": batch / median, "rounds": len(entry["times"]),
-            "step_mb": entry["step_bytes"] / 2**20, "step_mem_ratio": entry["step_bytes"] / base["step_bytes"],
-            "estimate_mb": entry["estimate_bytes"] / 2**20,
-            "estimate_mem_ratio": entry["estimate_bytes"] / base["estimate_bytes"],
-        })
+        floor = floor_macs(
+            entry["name"], entry["mode"], widths, batch, entry["options"]
+        )
+        rows.append(
+            {
+                "size": size,
+                "method": entry["name"],
+                "mode": entry["mode"] or "-",
+                "median_ms": 1e3 * median,
+                "ratio": median / base_time,
+                "floor_ratio": None if floor is None else floor / base_floor,
+                "examples_per_s": batch / median,
+                "rounds": len(entry["times"]),
+                "step_mb": entry["step_bytes"] / 2**20,
+                "step_mem_ratio": entry["step_bytes"] / base["step_bytes"],
+                "estimate_mb": entry["estimate_bytes"] / 2**20,
+                "estimate_mem_ratio": entry["estimate_bytes"] / base["estimate_bytes"],
+                "estimate_temp_mb": entry["estimate_temp"] / 2**20,
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("| size | method | mode | step ms | x backprop | floor | x/floor | examples/s "
-              "| step MB | mem x bp | estimator MB | est. mem x bp |")
-    lines = [header, "|" + "---|" * header.count("|")[:-1] if False else "|" + "---|" * (header.count("|") - 1)]
+    header = (
+        "| size | method | mode | step ms | x backprop | floor | x/floor | examples/s "
+        "| step MB | mem x bp | estimator MB | est. mem x bp | est. temp MB |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['size']} | {r['method']} | {r['mode']} | skipped: {r['skipped']} |")
+            lines.append(
+                f"| {r['size']} | {r['method']} | {r['mode']} | skipped: {r['skipped']} |"
+            )
             continue
         floor = "-" if r["floor_ratio"] is None else f"{r['floor_ratio']:.2f}"
-        over = "-" if r["floor_ratio"] is None else f"{r['ratio'] / r['floor_ratio']:.2f}"
+        over = (
+            "-" if r["floor_ratio"] is None else f"{r['ratio'] / r['floor_ratio']:.2f}"
+        )
         lines.append(
             f"| {r['size']} | {r['method']} | {r['mode']} | {r['median_ms']:.1f} | {r['ratio']:.2f} | {floor} "
             f"| {over} | {r['examples_per_s']:.0f} | {r['step_mb']:.1f} | {r['step_mem_ratio']:.2f} "
-            f"| {r['estimate_mb']:.1f} | {r['estimate_mem_ratio']:.2f} |"
+            f"| {r['estimate_mb']:.1f} | {r['estimate_mem_ratio']:.2f} | {r['estimate_temp_mb']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -189,8 +270,10 @@ def main(argv):
     sizes = FLAGS.sizes or (QUICK_SIZES if FLAGS.quick else FULL_SIZES)
     repeats = min(FLAGS.repeats, 5) if FLAGS.quick else FLAGS.repeats
     device = jax.devices()[0]
-    print(f"devices: {jax.devices()} ({device.device_kind}); jax {jax.__version__}; {platform.processor() or platform.machine()}",
-          flush=True)
+    print(
+        f"devices: {jax.devices()} ({device.device_kind}); jax {jax.__version__}; {platform.processor() or platform.machine()}",
+        flush=True,
+    )
     rows = []
     for size in sizes:
         print(f"measuring {size} (depth x width x batch) ...", flush=True)
@@ -198,8 +281,16 @@ def main(argv):
         rows.extend(size_rows)
         print(format_table(size_rows), flush=True)
         with open(FLAGS.out, "w") as f:
-            json.dump({"device": str(device.device_kind), "platform": device.platform,
-                       "jax": jax.__version__, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": str(device.device_kind),
+                    "platform": device.platform,
+                    "jax": jax.__version__,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     print("\n" + format_table(rows))
     print(f"\nwrote {FLAGS.out}")
 

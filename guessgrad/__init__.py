@@ -1,6 +1,7 @@
 """guessgrad: training neural networks with guessed gradients."""
 
 from guessgrad import models as models
+from guessgrad import parallel as parallel
 from guessgrad._src.core import MODES as MODES
 from guessgrad._src.core import per_example_loss as per_example_loss
 from guessgrad._src.estimators import DEFAULT_MODE as DEFAULT_MODE
@@ -32,6 +33,7 @@ __all__ = (
     "make_optimizer",
     "make_train_step",
     "models",
+    "parallel",
     "per_example_loss",
     "stable_adamw",
 )
