@@ -26,7 +26,7 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get(
         f"{os.environ.get('XLA_FLAGS', '')} {_NO_DEADLOCK}".strip()
     )
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import guessgrad as gg
 from guessgrad import data, experiment
@@ -52,8 +52,9 @@ _OPTIMIZER = flags.DEFINE_string(
 _LEARNING_RATE = flags.DEFINE_float(
     "learning_rate",
     experiment.DEFAULT_LEARNING_RATE,
-    "Step size. 1e-3 with adamw: on mnist10k (3x128, 300 epochs) it beat 1e-4 for "
-    "both mixing and wt (measured; see README).",
+    "Step size. Default 1e-3: measured on mnist10k (3x128, adamw, 300 epochs, seeds "
+    "0 and 1), mixing reached 92.7% test accuracy at 1e-3 against 91.3% at 1e-4, "
+    "wt 93.7% against 94.7%; 1e-3 leads both early in training.",
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Training examples per step.")
 _EPOCHS = flags.DEFINE_integer(
@@ -82,7 +83,9 @@ _RESUME = flags.DEFINE_bool(
 _COMPARE = flags.DEFINE_string(
     "compare",
     None,
-    'Run several methods instead of --method: "all" or a comma-separated list.',
+    'Run several methods instead of --method: "all" or a comma-separated list. On CPU, '
+    "wperp (an exact SVD per example and layer) takes seconds per step at width 128, "
+    "orders of magnitude more than the others.",
 )
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
@@ -96,6 +99,9 @@ _MODE = flags.DEFINE_string(
 _NORMALIZE = flags.DEFINE_bool(
     "normalize", None, "Rescale each guess to norm sqrt(size)."
 )
+_LEAN = flags.DEFINE_bool(
+    "lean", None, "Keep no per-layer activations (recompute them; needs --mode=joint)."
+)
 _RANK = flags.DEFINE_integer("rank", None, "Subspace rank of wperp and wperp_ns.")
 _DOWNSTREAM_DEPTH = flags.DEFINE_integer(
     "downstream_depth", None, "Layers the downstream guess is pulled back through."
@@ -103,20 +109,21 @@ _DOWNSTREAM_DEPTH = flags.DEFINE_integer(
 _COSINE = flags.DEFINE_float(
     "cosine", None, "Cosine of oracle_angle's guess with the true gradient."
 )
-_OPTION_FLAGS = {
-    _NUM_GUESSES: "num_guesses",
-    _MODE: "mode",
-    _NORMALIZE: "normalize",
-    _RANK: "rank",
-    _DOWNSTREAM_DEPTH: "depth",
-    _COSINE: "cosine",
-}
+_OPTION_FLAGS = (
+    (_NUM_GUESSES, "num_guesses"),
+    (_MODE, "mode"),
+    (_NORMALIZE, "normalize"),
+    (_LEAN, "lean"),
+    (_RANK, "rank"),
+    (_DOWNSTREAM_DEPTH, "depth"),
+    (_COSINE, "cosine"),
+)
 
 
 def _estimator_options(methods: Sequence[str]) -> dict[str, object]:
     """The options set by flags; each must apply to one of ``methods``."""
     options = {}
-    for holder, option in _OPTION_FLAGS.items():
+    for holder, option in _OPTION_FLAGS:
         if holder.value is None:
             continue
         if not any(option in gg.estimator_options(m) for m in methods):
@@ -135,6 +142,10 @@ def main(argv: Sequence[str]) -> int:
     """Runs one method (or --compare); returns the exit status."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(
+            logging.WARNING
+        )  # JAX's and Orbax's INFO lines would bury the progress
     try:
         methods = (
             experiment.parse_methods(_COMPARE.value)

@@ -22,6 +22,7 @@ and tabulates them. Nothing here needs absl.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import guessgrad as gg
-from guessgrad import data
+from guessgrad import data, parallel
 
 DEFAULT_METHOD = "mixing"
 DEFAULT_LEARNING_RATE = 1e-3
@@ -107,7 +108,7 @@ class Config:
     batch_size: int = 128
     epochs: int = DEFAULT_EPOCHS
     steps: int | None = None
-    eval_every: int = 2000
+    eval_every: int = 1000
     log_every: int = 100
     train_eval_examples: int = 2000
     eval_batch_size: int = 1000
@@ -223,6 +224,8 @@ def device_info() -> dict[str, Any]:
         "devices": [str(d) for d in devices],
         "device_kind": devices[0].device_kind,
         "jax_version": jax.__version__,
+        "num_devices": len(devices),
+        "num_processes": jax.process_count(),
         "host": platform.node(),
     }
 
@@ -230,8 +233,13 @@ def device_info() -> dict[str, Any]:
 # --- evaluation ------------------------------------------------------------------
 
 
+@functools.cache
 def make_eval_fn(model):
-    """Jitted ``(params, batch) -> [loss sum, correct count, example count]`` over the batch's mask."""
+    """Jitted ``(params, batch) -> [loss sum, correct count, example count]`` over the batch's mask.
+
+    Cached per model (Flax modules compare by their fields), so runs of the same
+    architecture share one compiled evaluation.
+    """
 
     @jax.jit
     def eval_sums(params, batch):
@@ -318,6 +326,28 @@ def _restore_checkpoint(
     return state._replace(key=jax.random.wrap_key_data(state.key)), dict(restored.meta)
 
 
+def load_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
+    """``(params, step)`` of a checkpoint in ``workdir`` (default: the latest)."""
+    import orbax.checkpoint as ocp
+
+    steps = checkpoint_steps(workdir)
+    if not steps or (step is not None and step not in steps):
+        raise FileNotFoundError(
+            f"No checkpoint {'' if step is None else f'of step {step} '}in {workdir}; saved steps: {steps or 'none'}."
+        )
+    step = steps[-1] if step is None else step
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    )
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+    finally:
+        manager.close()
+    return restored.state["params"], step
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
     """Steps of the checkpoints saved in ``workdir`` (empty if none)."""
     directory = os.path.join(workdir, CHECKPOINT_DIR)
@@ -382,8 +412,8 @@ _COLUMNS = (
     ("method", "method", "{}"),
     ("train acc", "train_accuracy", "{:.2%}"),
     ("test acc", "test_accuracy", "{:.2%}"),
-    ("train loss", "train_loss", "{:.4f}"),
-    ("test loss", "test_loss", "{:.4f}"),
+    ("train loss", "train_loss", "{:.4g}"),
+    ("test loss", "test_loss", "{:.4g}"),
     ("steps", "steps", "{}"),
     ("wall time", "wall_time_s", "{:.1f} s"),
 )
@@ -450,9 +480,8 @@ def _prepare_workdir(config: Config, workdir: str) -> list[int]:
                 "Resume with the saved settings, or choose another --workdir."
             )
     elif os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-        shutil.rmtree(
-            os.path.join(workdir, CHECKPOINT_DIR)
-        )  # only unfinished (tmp) saves
+        # No finished checkpoint: at most Orbax's temporary folders of an aborted save.
+        shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR))
     return steps
 
 
@@ -501,7 +530,10 @@ def run(config: Config) -> dict[str, Any]:
     started = time.perf_counter()
     workdir = os.path.abspath(config.workdir or default_workdir(config))
     print(f"[{config.method}] workdir: {workdir}")
-    print(f"[{config.method}] JAX devices: {jax.devices()}")
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.data_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    print(f"[{config.method}] computing on {parallel.describe(mesh)}: {jax.devices()}")
     saved_steps = _prepare_workdir(config, workdir)
 
     dataset = data.load(config.dataset, config.data_dir)
@@ -513,6 +545,7 @@ def run(config: Config) -> dict[str, Any]:
         config.batch_size,
         data_key,
         flatten=True,
+        sharding=parallel.batch_sharding(mesh),
     )
     num_train_eval = min(config.train_eval_examples, len(dataset.train_labels))
     eval_loaders = {
@@ -520,8 +553,9 @@ def run(config: Config) -> dict[str, Any]:
             dataset.train_images[:num_train_eval],
             dataset.train_labels[:num_train_eval],
             config,
+            mesh,
         ),
-        "test": _eval_loader(dataset.test_images, dataset.test_labels, config),
+        "test": _eval_loader(dataset.test_images, dataset.test_labels, config, mesh),
     }
     num_steps = total_steps(config, loader.steps_per_epoch)
     stop_step = (
@@ -531,8 +565,10 @@ def run(config: Config) -> dict[str, Any]:
     optimizer = gg.make_optimizer(config.optimizer, config.learning_rate)
     estimator = gg.build_estimator(config.method, model, **dict(config.options))
     params = model.init(init_key, loader.batch(0)["image"])
-    state = gg.init_train_state(params, optimizer, train_key)
-    train_step = gg.make_train_step(estimator, optimizer)
+    # Replicated over the mesh (the batch is sharded over it): data parallel on
+    # every local device, and over hosts under jax.distributed.
+    state = parallel.replicate(gg.init_train_state(params, optimizer, train_key), mesh)
+    train_step = parallel.make_parallel_train_step(estimator, optimizer, mesh)
     eval_fn = make_eval_fn(model)
 
     os.makedirs(workdir, exist_ok=True)
@@ -543,6 +579,7 @@ def run(config: Config) -> dict[str, Any]:
     elapsed_before, window = 0.0, []
     if saved_steps:
         state, meta = _restore_checkpoint(manager, state)
+        state = parallel.replicate(state, mesh)
         elapsed_before = float(meta["elapsed_s"])
         window = [(int(s), np.float32(x)) for s, x in meta["window_losses"]]
         _truncate_metrics(metrics_path, int(state.step))
@@ -653,9 +690,8 @@ def run(config: Config) -> dict[str, Any]:
                         f"test acc {last_eval['test_accuracy']:.2%}, test loss {last_eval['test_loss']:.4f}"
                     )
                     checkpoint(done)
-                    synced_time = (
-                        time.perf_counter()
-                    )  # evaluation time is not throughput
+                    # Evaluation time does not count against throughput.
+                    synced_time = time.perf_counter()
             if int(state.step) < num_steps:
                 checkpoint(int(state.step))
     except KeyboardInterrupt:
@@ -720,8 +756,14 @@ def run(config: Config) -> dict[str, Any]:
     return results
 
 
-def _eval_loader(images: np.ndarray, labels: np.ndarray, config: Config) -> data.Loader:
-    batch_size = min(config.eval_batch_size, len(labels))
+def _eval_loader(
+    images: np.ndarray, labels: np.ndarray, config: Config, mesh
+) -> data.Loader:
+    # Fixed-size padded batches, a multiple of the device count.
+    devices = mesh.devices.size
+    batch_size = max(
+        devices, min(config.eval_batch_size, len(labels)) // devices * devices
+    )
     return data.Loader(
         images,
         labels,
@@ -730,6 +772,7 @@ def _eval_loader(images: np.ndarray, labels: np.ndarray, config: Config) -> data
         flatten=True,
         shuffle=False,
         drop_remainder=False,
+        sharding=parallel.batch_sharding(mesh),
     )
 
 
@@ -838,6 +881,7 @@ __all__ = [
     "device_info",
     "evaluate",
     "format_table",
+    "load_params",
     "make_eval_fn",
     "markdown_table",
     "method_configs",

@@ -4,14 +4,16 @@ import os
 
 # Tests run on the CPU with a fixed thread pool; keep XLA's scheduler away
 # from the batched-factorisation deadlock seen on this CPU (see SPEC.md).
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+)
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import pytest  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
 
-import guessgrad as gg  # noqa: E402
+import guessgrad as gg
 
 
 class NormedTanhChain(gg.models.Chain):
@@ -21,7 +23,9 @@ class NormedTanhChain(gg.models.Chain):
 
     @nn.nowrap
     def layer_modules(self):
-        layers = [_DenseNorm(w, name=f"block_{i}") for i, w in enumerate(self.widths[:-1])]
+        layers = [
+            _DenseNorm(w, name=f"block_{i}") for i, w in enumerate(self.widths[:-1])
+        ]
         return tuple(layers) + (gg.models.Linear(self.widths[-1], name="readout"),)
 
     @nn.nowrap

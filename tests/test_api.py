@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import flat, make_batch
 
 import guessgrad as gg
-
-from conftest import flat, make_batch
 
 OPTIONS = {"wperp": {"rank": 3}, "wperp_ns": {"rank": 3}}
 
@@ -31,7 +30,11 @@ def test_contract_jit_vmap_determinism(name, small_mlp):
     grads = jitted(params, batch, key)
     # exact tree structure, shapes and dtypes of params
     assert jax.tree.structure(grads) == jax.tree.structure(params)
-    jax.tree.map(lambda g, p: (g.shape, g.dtype) == (p.shape, p.dtype) or pytest.fail(name), grads, params)
+    jax.tree.map(
+        lambda g, p: (g.shape, g.dtype) == (p.shape, p.dtype) or pytest.fail(name),
+        grads,
+        params,
+    )
     # a second call with new values does not recompile
     jitted(jax.tree.map(lambda p: p * 1.01, params), batch, jax.random.key(6))
     assert len(traces) == 1
@@ -41,14 +44,21 @@ def test_contract_jit_vmap_determinism(name, small_mlp):
     np.testing.assert_array_equal(flat(jitted(params, batch, key)), flat(grads))
     # vmap over keys equals a loop
     keys = jax.random.split(jax.random.key(8), 3)
-    batched = jax.jit(jax.vmap(estimator(name, model), in_axes=(None, None, 0)))(params, batch, keys)
+    batched = jax.jit(jax.vmap(estimator(name, model), in_axes=(None, None, 0)))(
+        params, batch, keys
+    )
     for i, k in enumerate(keys):
         np.testing.assert_allclose(
-            flat(jax.tree.map(lambda g: g[i], batched)), flat(jitted(params, batch, k)), rtol=2e-4, atol=1e-6
+            flat(jax.tree.map(lambda g, i=i: g[i], batched)),
+            flat(jitted(params, batch, k)),
+            rtol=2e-4,
+            atol=1e-6,
         )
     # different keys give different guesses (backprop excepted)
     if name != "backprop":
-        assert not np.allclose(flat(jitted(params, batch, keys[0])), flat(jitted(params, batch, keys[1])))
+        assert not np.allclose(
+            flat(jitted(params, batch, keys[0])), flat(jitted(params, batch, keys[1]))
+        )
 
 
 def _separable_problem():
@@ -64,7 +74,9 @@ def test_training_lowers_the_loss(name):
     model = gg.models.MLP(depth=3, width=16, num_classes=4)
     params = model.init(jax.random.key(2), batch["image"])
     optimizer = gg.make_optimizer("adamw", 1e-2)
-    step = gg.make_train_step(gg.build_estimator(name, model, **OPTIONS.get(name, {})), optimizer)
+    step = gg.make_train_step(
+        gg.build_estimator(name, model, **OPTIONS.get(name, {})), optimizer
+    )
     state = gg.init_train_state(params, optimizer, jax.random.key(3))
     _, first = step(state, batch)
 
@@ -80,13 +92,19 @@ def test_unknown_names_and_options_list_the_valid_choices(small_mlp):
     model, _, _ = small_mlp
     with pytest.raises(ValueError, match="valid names: backprop, directional"):
         gg.get_estimator("wtt", model)
-    with pytest.raises(ValueError, match=r"valid options: .*num_guesses=1.*normalize=True.*mode="):
+    with pytest.raises(
+        ValueError, match=r"valid options: .*num_guesses=1.*normalize=True.*mode="
+    ):
         gg.get_estimator("wt", model, rank=3)
-    with pytest.raises(ValueError, match=r"mode must be one of \('joint', 'per_layer'\)"):
+    with pytest.raises(
+        ValueError, match=r"mode must be one of \('joint', 'per_layer'\)"
+    ):
         gg.get_estimator("wt", model, mode="both")
     with pytest.raises(ValueError, match="num_guesses must be a positive integer"):
         gg.get_estimator("mixing", model, num_guesses=0)
-    with pytest.raises(ValueError, match="Unknown optimizer 'adam'; valid names: adamw, sgd"):
+    with pytest.raises(
+        ValueError, match="Unknown optimizer 'adam'; valid names: adamw, sgd"
+    ):
         gg.make_optimizer("adam", 1e-3)
 
 
@@ -94,10 +112,22 @@ def test_unknown_names_and_options_list_the_valid_choices(small_mlp):
     "batch,message",
     [
         ({"image": jnp.zeros((4, 6))}, 'must be a dict with "image"'),
-        ({"image": jnp.zeros((4, 6), jnp.uint8), "label": jnp.zeros(4, jnp.int32)}, "floating array"),
-        ({"image": jnp.zeros((4, 6)), "label": jnp.zeros((4, 1), jnp.int32)}, r"shape \[B\]"),
-        ({"image": jnp.zeros((4, 6)), "label": jnp.zeros(3, jnp.int32)}, "4 examples but"),
-        ({"image": jnp.zeros((4, 7)), "label": jnp.zeros(4, jnp.int32)}, r"batch\[\"image\"\] has shape"),
+        (
+            {"image": jnp.zeros((4, 6), jnp.uint8), "label": jnp.zeros(4, jnp.int32)},
+            "floating array",
+        ),
+        (
+            {"image": jnp.zeros((4, 6)), "label": jnp.zeros((4, 1), jnp.int32)},
+            r"shape \[B\]",
+        ),
+        (
+            {"image": jnp.zeros((4, 6)), "label": jnp.zeros(3, jnp.int32)},
+            "4 examples but",
+        ),
+        (
+            {"image": jnp.zeros((4, 7)), "label": jnp.zeros(4, jnp.int32)},
+            r"batch\[\"image\"\] has shape",
+        ),
     ],
 )
 def test_bad_batches_say_what_was_expected(small_mlp, batch, message):
@@ -117,7 +147,10 @@ def test_models_other_than_chains_are_rejected():
 def test_stable_adamw_is_adamw_until_the_update_rms_exceeds_one():
     lr, eps, wd = 1e-2, 1e-6, 1e-4
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
-    stable, reference = gg.stable_adamw(lr, eps=eps, weight_decay=wd), optax.adamw(lr, 0.9, 0.99, eps, weight_decay=wd)
+    stable, reference = (
+        gg.stable_adamw(lr, eps=eps, weight_decay=wd),
+        optax.adamw(lr, 0.9, 0.99, eps, weight_decay=wd),
+    )
     s_state, r_state = stable.init(params), reference.init(params)
     # steady gradients: g^2 / v_hat = 1 at step 1, so no clipping: identical to AdamW
     g = {"w": jnp.array([0.5, -1.0, 2.0])}
@@ -135,7 +168,15 @@ def test_stable_adamw_is_adamw_until_the_update_rms_exceeds_one():
     np.testing.assert_allclose(s_up["w"], r_up["w"] / rms, rtol=1e-4)
 
 
-ACTIVATION_SPACE = ["activation_perturbation", "wt", "downstream", "mixing", "wperp", "wperp_ns", "self_sharpening"]
+ACTIVATION_SPACE = [
+    "activation_perturbation",
+    "wt",
+    "downstream",
+    "mixing",
+    "wperp",
+    "wperp_ns",
+    "self_sharpening",
+]
 
 
 @pytest.mark.parametrize("name", ACTIVATION_SPACE)
@@ -147,8 +188,12 @@ def test_lean_mode_gives_the_joint_estimate(name):
     params = model.init(jax.random.key(1), batch["image"])
     for num_guesses in (1, 3):
         options = {**OPTIONS.get(name, {}), "mode": "joint", "num_guesses": num_guesses}
-        joint = jax.jit(gg.get_estimator(name, model, **options))(params, batch, jax.random.key(3))
-        lean = jax.jit(gg.get_estimator(name, model, lean=True, **options))(params, batch, jax.random.key(3))
+        joint = jax.jit(gg.get_estimator(name, model, **options))(
+            params, batch, jax.random.key(3)
+        )
+        lean = jax.jit(gg.get_estimator(name, model, lean=True, **options))(
+            params, batch, jax.random.key(3)
+        )
         np.testing.assert_allclose(flat(lean), flat(joint), rtol=1e-5, atol=1e-6)
 
 
@@ -156,3 +201,16 @@ def test_lean_mode_needs_joint_mode(small_mlp):
     model, _, _ = small_mlp
     with pytest.raises(ValueError, match="lean=True needs mode='joint'"):
         gg.get_estimator("wt", model, lean=True, mode="per_layer")
+
+
+def test_train_step_compiles_once_on_device_placed_batches(small_mlp):
+    """The state from init_train_state and the step's output state hit the same cache entry."""
+    model, params, batch = small_mlp
+    batch = jax.device_put(batch, jax.devices()[0])  # committed, as data.Loader gives
+    optimizer = gg.make_optimizer("adamw", 1e-3)
+    step = gg.make_train_step(gg.build_estimator("wt", model), optimizer)
+    state = gg.init_train_state(params, optimizer, jax.random.key(0))
+    for _ in range(3):
+        state, _ = step(state, batch)
+    assert step._cache_size() == 1
+    assert int(state.step) == 3

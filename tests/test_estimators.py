@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cosine, flat
 
 import guessgrad as gg
 from guessgrad._src import core
 from guessgrad._src import guesses as rules
-
-from conftest import cosine, flat
 
 NUM_SAMPLES = 20_000
 MAX_Z = 5.0  # largest |z| allowed over ~170 coordinates (fixed seeds: deterministic)
@@ -24,7 +23,10 @@ def sample_estimates(model, params, batch, name, num_samples=NUM_SAMPLES, **opti
 
 def assert_mean_matches(samples, expected):
     """Monte-Carlo mean within MAX_Z standard errors of `expected`, coordinate by coordinate."""
-    samples, expected = np.asarray(samples, np.float64), np.asarray(expected, np.float64)
+    samples, expected = (
+        np.asarray(samples, np.float64),
+        np.asarray(expected, np.float64),
+    )
     mean = samples.mean(0)
     stderr = samples.std(0) / np.sqrt(samples.shape[0])
     # Coordinates the method never moves (dead units) vary only by float32 round-off.
@@ -41,13 +43,19 @@ def dense_quantities(model, params, batch):
     """Per-example masks D_l, kernels K_l, activations x_l and true site grads G_l."""
     fns = gg.models.chain_fns(model)
     layer_params = core.split_params(fns, params)
-    trace = core.forward(fns, layer_params, fns.preprocess(batch["image"]), batch["label"])
+    trace = core.forward(
+        fns, layer_params, fns.preprocess(batch["image"]), batch["label"]
+    )
     kernels = [np.asarray(p["kernel"], np.float64) for p in layer_params]
     masks = [np.asarray(s > 0, np.float64) for s in trace.sites]
     outputs = [np.asarray(jnp.maximum(s, 0), np.float64) for s in trace.sites]
-    site_grads = jax.grad(lambda s: jnp.sum(core.per_example_loss(s, batch["label"])))(trace.sites[-1])
+    site_grads = jax.grad(lambda s: jnp.sum(core.per_example_loss(s, batch["label"])))(
+        trace.sites[-1]
+    )
     grads = [np.asarray(site_grads, np.float64)]
-    for index in range(len(kernels) - 2, -1, -1):  # exact backprop, written out for dense layers
+    for index in range(
+        len(kernels) - 2, -1, -1
+    ):  # exact backprop, written out for dense layers
         grads.insert(0, (grads[0] @ kernels[index + 1].T) * masks[index])
     return fns, layer_params, trace, kernels, masks, outputs, grads
 
@@ -59,10 +67,17 @@ def covariances(method, model, params, batch, rank=3):
     covs = []
     for index in range(last):
         d = masks[index]
-        jac = np.einsum("mn,bn->bmn", kernels[index + 1].T, d)  # J_b = W_{l+1} D_b, [B, m, n]
-        if method in ("wt", "self_sharpening", "downstream") and (method == "wt" or index + 1 == last):
+        jac = np.einsum(
+            "mn,bn->bmn", kernels[index + 1].T, d
+        )  # J_b = W_{l+1} D_b, [B, m, n]
+        if method in ("wt", "self_sharpening", "downstream") and (
+            method == "wt" or index + 1 == last
+        ):
             cov = np.einsum("bmi,bmj->bij", jac, jac)
-        elif method in ("downstream", "self_sharpening"):  # eps at x_{l+2}: J^T D_{l+1} J
+        elif method in (
+            "downstream",
+            "self_sharpening",
+        ):  # eps at x_{l+2}: J^T D_{l+1} J
             cov = np.einsum("bmi,bm,bmj->bij", jac, masks[index + 1], jac)
         elif method == "mixing":
             x = outputs[index]  # Cov_b = D_b X^T X D_b
@@ -81,7 +96,9 @@ def covariances(method, model, params, batch, rank=3):
 
 
 def expected_param_grads(method, model, params, batch, **options):
-    fns, layer_params, trace, kernels, masks, outputs, grads = dense_quantities(model, params, batch)
+    fns, layer_params, trace, _kernels, _masks, _outputs, grads = dense_quantities(
+        model, params, batch
+    )
     covs = covariances(method, model, params, batch, **options)
     expected_sites = [np.einsum("bij,bj->bi", c, g) for c, g in zip(covs, grads[:-1])]
     last = grads[-1]
@@ -90,7 +107,11 @@ def expected_param_grads(method, model, params, batch, **options):
     else:
         expected_sites.append(last)
     site_grads = [jnp.asarray(g, jnp.float32) for g in expected_sites]
-    return flat(core.join_params(fns, core.local_parameter_grads(fns, layer_params, trace.inputs, site_grads)))
+    return flat(
+        core.join_params(
+            fns, core.local_parameter_grads(fns, layer_params, trace.inputs, site_grads)
+        )
+    )
 
 
 UNBIASED = [
@@ -128,7 +149,9 @@ BIASED = [
 def test_biased_methods_match_closed_form_expectation(small_mlp, name, options, mode):
     """E[g_l] = Cov(y_l) dl/ds_l, mapped to parameters by the local VJP."""
     model, params, batch = small_mlp
-    samples = sample_estimates(model, params, batch, name, normalize=False, mode=mode, **options)
+    samples = sample_estimates(
+        model, params, batch, name, normalize=False, mode=mode, **options
+    )
     expected = expected_param_grads(name, model, params, batch, **options)
     assert_mean_matches(samples, expected)
     # and the bias is real: the expectation is not the gradient's direction
@@ -140,24 +163,41 @@ def test_oracle_angle_has_the_requested_cosine_and_norm(small_mlp):
     model, params, batch = small_mlp
     true = flat(gg.get_estimator("backprop", model)(params, batch, None))
     for c in (0.02, 0.5, -0.3):
-        est = flat(gg.get_estimator("oracle_angle", model, cosine=c)(params, batch, jax.random.key(4)))
+        est = flat(
+            gg.get_estimator("oracle_angle", model, cosine=c)(
+                params, batch, jax.random.key(4)
+            )
+        )
         np.testing.assert_allclose(cosine(est, true), c, atol=1e-5)
-        np.testing.assert_allclose(jnp.linalg.norm(est), jnp.linalg.norm(true), rtol=1e-5)
+        np.testing.assert_allclose(
+            jnp.linalg.norm(est), jnp.linalg.norm(true), rtol=1e-5
+        )
 
 
 def test_num_guesses_averages_independent_single_guesses(small_mlp):
     model, params, batch = small_mlp
     key = jax.random.key(9)
     for name in ("wt", "directional"):
-        averaged = flat(gg.get_estimator(name, model, num_guesses=8)(params, batch, key))
+        averaged = flat(
+            gg.get_estimator(name, model, num_guesses=8)(params, batch, key)
+        )
         single = gg.get_estimator(name, model, num_guesses=1)
-        loop = np.mean([flat(single(params, batch, k)) for k in jax.random.split(key, 8)], 0)
+        loop = np.mean(
+            [flat(single(params, batch, k)) for k in jax.random.split(key, 8)], 0
+        )
         np.testing.assert_allclose(averaged, loop, rtol=1e-4, atol=1e-7)
 
 
 # --- guesses: what they read, where they lie ----------------------------------------
 
-LABEL_FREE = ["activation_perturbation", "wt", "downstream", "mixing", "wperp", "wperp_ns"]
+LABEL_FREE = [
+    "activation_perturbation",
+    "wt",
+    "downstream",
+    "mixing",
+    "wperp",
+    "wperp_ns",
+]
 
 
 @pytest.mark.parametrize("name", LABEL_FREE + ["self_sharpening"])
@@ -167,13 +207,18 @@ def test_labels_reach_the_estimate_only_through_the_derivative(name):
     model = gg.models.MLP(depth=4, width=6, num_classes=5)
     image = jax.random.normal(jax.random.key(0), (1, 5))
     params = model.init(jax.random.key(1), image)
-    estimate = gg.get_estimator(name, model, mode="per_layer", rank=2) if "wperp" in name else \
-        gg.get_estimator(name, model, mode="per_layer")
+    estimate = (
+        gg.get_estimator(name, model, mode="per_layer", rank=2)
+        if "wperp" in name
+        else gg.get_estimator(name, model, mode="per_layer")
+    )
     key = jax.random.key(2)
     a = estimate(params, {"image": image, "label": jnp.array([0])}, key)["params"]
     b = estimate(params, {"image": image, "label": jnp.array([3])}, key)["params"]
     colinear = [abs(cosine(a[k]["kernel"], b[k]["kernel"])) for k in sorted(a)]
-    if name == "self_sharpening":  # its last-layer guess is the true error, which reads the label
+    if (
+        name == "self_sharpening"
+    ):  # its last-layer guess is the true error, which reads the label
         np.testing.assert_allclose(colinear[:-1], 1.0, atol=1e-5)
         assert colinear[-1] < 0.99
     else:
@@ -184,17 +229,29 @@ def test_rules_without_needs_label_get_no_labels(small_mlp):
     model, params, batch = small_mlp
     fns = gg.models.chain_fns(model)
     layer_params = core.split_params(fns, params)
-    trace = core.forward(fns, layer_params, fns.preprocess(batch["image"]), batch["label"])
-    ctx = rules.context(fns, layer_params, trace.sites, batch["label"], rules.rule_from(rules.wt_hidden))
+    trace = core.forward(
+        fns, layer_params, fns.preprocess(batch["image"]), batch["label"]
+    )
+    ctx = rules.context(
+        fns, layer_params, trace.sites, batch["label"], rules.rule_from(rules.wt_hidden)
+    )
     assert ctx.labels is None
 
 
 def _hidden_guesses(rule, model, params, batch, key):
     fns = gg.models.chain_fns(model)
     layer_params = core.split_params(fns, params)
-    trace = core.forward(fns, layer_params, fns.preprocess(batch["image"]), batch["label"])
-    ctx = rules.context(fns, layer_params, trace.sites, batch["label"], rules.rule_from(rule))
-    return [rule(ctx, l, jax.random.fold_in(key, l)) for l in range(fns.num_sites - 1)], layer_params, trace
+    trace = core.forward(
+        fns, layer_params, fns.preprocess(batch["image"]), batch["label"]
+    )
+    ctx = rules.context(
+        fns, layer_params, trace.sites, batch["label"], rules.rule_from(rule)
+    )
+    return (
+        [rule(ctx, l, jax.random.fold_in(key, l)) for l in range(fns.num_sites - 1)],
+        layer_params,
+        trace,
+    )
 
 
 def _top_subspace_projectors(layer_params, trace, index, rank):
@@ -208,14 +265,21 @@ def _top_subspace_projectors(layer_params, trace, index, rank):
 
 def test_wperp_guesses_lie_in_top_k_right_singular_subspace():
     model = gg.models.MLP(depth=3, width=32, num_classes=10)
-    batch = {"image": jax.random.normal(jax.random.key(0), (6, 20)), "label": jnp.zeros(6, jnp.int32)}
+    batch = {
+        "image": jax.random.normal(jax.random.key(0), (6, 20)),
+        "label": jnp.zeros(6, jnp.int32),
+    }
     params = model.init(jax.random.key(1), batch["image"])
     rank = 5
-    ys, layer_params, trace = _hidden_guesses(rules.wperp_hidden(rank), model, params, batch, jax.random.key(2))
+    ys, layer_params, trace = _hidden_guesses(
+        rules.wperp_hidden(rank), model, params, batch, jax.random.key(2)
+    )
     for index, y in enumerate(ys):
         proj = _top_subspace_projectors(layer_params, trace, index, rank)
         y = np.asarray(y, np.float64)
-        np.testing.assert_allclose(np.einsum("bij,bj->bi", proj, y), y, atol=1e-4 * np.abs(y).max())
+        np.testing.assert_allclose(
+            np.einsum("bij,bj->bi", proj, y), y, atol=1e-4 * np.abs(y).max()
+        )
         assert np.all(np.linalg.norm(y, axis=-1) > 0)
 
 
@@ -223,7 +287,9 @@ def energy_share(rule, model, params, batch, rank, num_keys=8):
     """mean over guesses of |P_k y|^2 / |y|^2, P_k the exact top-k right singular projector."""
     shares = []
     for seed in range(num_keys):
-        ys, layer_params, trace = _hidden_guesses(rule, model, params, batch, jax.random.key(seed))
+        ys, layer_params, trace = _hidden_guesses(
+            rule, model, params, batch, jax.random.key(seed)
+        )
         for index, y in enumerate(ys):
             proj = _top_subspace_projectors(layer_params, trace, index, rank)
             y = np.asarray(y, np.float64)
@@ -238,10 +304,27 @@ def test_wperp_ns_puts_most_energy_in_the_exact_top_k_subspace():
     top-10 subspace, 4 iterations 0.88, exact wperp 1.00; the unfiltered W^T
     guess only 0.56 (random weights have a flat spectrum, the hard case)."""
     model = gg.models.MLP(depth=4, width=128, num_classes=10)
-    batch = {"image": jax.random.normal(jax.random.key(0), (16, 64)), "label": jnp.zeros(16, jnp.int32)}
+    batch = {
+        "image": jax.random.normal(jax.random.key(0), (16, 64)),
+        "label": jnp.zeros(16, jnp.int32),
+    }
     params = model.init(jax.random.key(1), batch["image"])
-    ns = energy_share(rules.wperp_ns_hidden(10, power_iters=2, ns_steps=5), model, params, batch, 10, 4)
-    more = energy_share(rules.wperp_ns_hidden(10, power_iters=4, ns_steps=5), model, params, batch, 10, 4)
+    ns = energy_share(
+        rules.wperp_ns_hidden(10, power_iters=2, ns_steps=5),
+        model,
+        params,
+        batch,
+        10,
+        4,
+    )
+    more = energy_share(
+        rules.wperp_ns_hidden(10, power_iters=4, ns_steps=5),
+        model,
+        params,
+        batch,
+        10,
+        4,
+    )
     unfiltered = energy_share(rules.wt_hidden, model, params, batch, 10, 4)
     assert ns > 0.75
     assert more > ns + 0.04  # more iterations, closer to the exact subspace

@@ -16,7 +16,9 @@ Aux = dict[str, Array]
 class Estimator(Protocol):
     """A gradient estimator that also returns what its forward pass measured."""
 
-    def __call__(self, params: Params, batch: Batch, key: PRNGKey) -> tuple[Grads, Aux]: ...
+    def __call__(
+        self, params: Params, batch: Batch, key: PRNGKey
+    ) -> tuple[Grads, Aux]: ...
 
 
 EstimateFn = Callable[[Params, Batch, PRNGKey], Grads]

@@ -76,8 +76,12 @@ def check_input(model, params: Params, image: Array) -> None:
 def split_params(fns: ChainFns, params: Params) -> tuple[Params, ...]:
     """``model.init`` output -> one parameter tree per site, checking its structure."""
     if not hasattr(params, "keys") or set(params.keys()) != {"params"}:
-        got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
-        raise ValueError(f'params must be what model.init returns, {{"params": ...}}; got {got}.')
+        got = (
+            sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
+        )
+        raise ValueError(
+            f'params must be what model.init returns, {{"params": ...}}; got {got}.'
+        )
     inner = params["params"]
     if set(inner.keys()) != set(fns.names):
         raise ValueError(
@@ -110,7 +114,9 @@ class Trace(NamedTuple):
     loss_map: Callable[[Array], Array]
 
 
-def forward(fns: ChainFns, layer_params: Sequence[Params], x0: Array, labels: Array) -> Trace:
+def forward(
+    fns: ChainFns, layer_params: Sequence[Params], x0: Array, labels: Array
+) -> Trace:
     """Runs the chain once, linearising each layer and the loss on the way."""
     site = fns.site_fns[0](layer_params[0], x0)
     inputs, sites, tangent_maps = [x0], [site], []
@@ -123,7 +129,9 @@ def forward(fns: ChainFns, layer_params: Sequence[Params], x0: Array, labels: Ar
         site, tangent_map = jax.linearize(step, sites[-1])
         sites.append(site)
         tangent_maps.append(tangent_map)
-    losses, loss_map = jax.linearize(lambda logits: per_example_loss(logits, labels), sites[-1])
+    losses, loss_map = jax.linearize(
+        lambda logits: per_example_loss(logits, labels), sites[-1]
+    )
     return Trace(tuple(inputs), tuple(sites), losses, tuple(tangent_maps), loss_map)
 
 
@@ -190,7 +198,9 @@ def normalize_per_example(y: Array) -> Array:
     """Rescales each example's guess to norm ``sqrt(n)`` (n = its size); zero stays zero."""
     flat = y.reshape(y.shape[0], -1)
     norm = jnp.linalg.norm(flat, axis=-1)
-    scale = jnp.where(norm > 0, jnp.sqrt(flat.shape[-1]) / jnp.where(norm > 0, norm, 1.0), 0.0)
+    scale = jnp.where(
+        norm > 0, jnp.sqrt(flat.shape[-1]) / jnp.where(norm > 0, norm, 1.0), 0.0
+    )
     return _scale_examples(scale.astype(y.dtype), y)
 
 
@@ -238,7 +248,9 @@ def _lean_guess(fns, rule, layer_params, labels, index, site, key, normalize):
     impl = jax.random.key_impl(key)
     site, key_data = _barrier(site, jax.random.key_data(key))
     ctx = _window_context(fns, rule, layer_params, labels, index, site)
-    guess = guesses.site_guess(rule, ctx, index, jax.random.wrap_key_data(key_data, impl=impl))
+    guess = guesses.site_guess(
+        rule, ctx, index, jax.random.wrap_key_data(key_data, impl=impl)
+    )
     return normalize_per_example(guess) if normalize else guess
 
 
@@ -253,12 +265,18 @@ def lean_joint_derivative(fns, rule, layer_params, x0, labels, key, normalize: b
             return fns.site_fns[index](layer_params[index], fns.activation(prev_site))
 
         site, tangent = jax.jvp(step, (site,), (tangent,))
-        tangent = tangent + _lean_guess(fns, rule, layer_params, labels, index, site, key, normalize)
-    losses, derivative = jax.jvp(lambda logits: per_example_loss(logits, labels), (site,), (tangent,))
+        tangent = tangent + _lean_guess(
+            fns, rule, layer_params, labels, index, site, key, normalize
+        )
+    losses, derivative = jax.jvp(
+        lambda logits: per_example_loss(logits, labels), (site,), (tangent,)
+    )
     return derivative, losses, site
 
 
-def lean_parameter_grads(fns, rule, layer_params, x0, labels, keys, derivatives, normalize: bool):
+def lean_parameter_grads(
+    fns, rule, layer_params, x0, labels, keys, derivatives, normalize: bool
+):
     """Pass 2: recompute layer by layer, regenerate the guesses of ``keys`` [K] and form
     ``sum_b (mean_k d_{k,b} y_{k,l,b}) dS_l/dtheta_l / B`` for each site at once."""
     # A fresh x_0 makes every recomputed value new to XLA (no merging with pass 1);

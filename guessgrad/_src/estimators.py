@@ -24,12 +24,23 @@ DEFAULT_MODE = "per_layer"
 
 
 # Options every activation-space estimator takes, with their defaults.
-COMMON_OPTIONS = {"num_guesses": 1, "normalize": True, "mode": DEFAULT_MODE, "lean": False}
+COMMON_OPTIONS = {
+    "num_guesses": 1,
+    "normalize": True,
+    "mode": DEFAULT_MODE,
+    "lean": False,
+}
 
 
 def _check_common(num_guesses: int, mode: str, lean: bool = False) -> None:
-    if not isinstance(num_guesses, int) or isinstance(num_guesses, bool) or num_guesses < 1:
-        raise ValueError(f"num_guesses must be a positive integer; got {num_guesses!r}.")
+    if (
+        not isinstance(num_guesses, int)
+        or isinstance(num_guesses, bool)
+        or num_guesses < 1
+    ):
+        raise ValueError(
+            f"num_guesses must be a positive integer; got {num_guesses!r}."
+        )
     if mode not in core.MODES:
         raise ValueError(f"mode must be one of {core.MODES}; got {mode!r}.")
     if lean and mode != "joint":
@@ -90,9 +101,13 @@ def activation_space(
         core.check_input(model, params, image)
         x0, keys = fns.preprocess(image), guess_keys(key, num_guesses)
         derivatives, losses, logits = jax.vmap(
-            lambda k: core.lean_joint_derivative(fns, rule, layer_params, x0, labels, k, normalize)
+            lambda k: core.lean_joint_derivative(
+                fns, rule, layer_params, x0, labels, k, normalize
+            )
         )(keys)
-        grads = core.lean_parameter_grads(fns, rule, layer_params, x0, labels, keys, derivatives, normalize)
+        grads = core.lean_parameter_grads(
+            fns, rule, layer_params, x0, labels, keys, derivatives, normalize
+        )
         return core.join_params(fns, grads), _metrics(logits[0], labels, losses[0])
 
     if lean:
@@ -114,7 +129,9 @@ def activation_space(
         site_grads = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
         site_grads = tuple(jnp.mean(g, axis=0) for g in site_grads)
         grads = core.local_parameter_grads(fns, layer_params, trace.inputs, site_grads)
-        return core.join_params(fns, grads), _metrics(trace.sites[-1], labels, trace.losses)
+        return core.join_params(fns, grads), _metrics(
+            trace.sites[-1], labels, trace.losses
+        )
 
     return estimate
 
@@ -140,7 +157,9 @@ def backprop(model) -> Estimator:
 
     def estimate(params, batch, key):
         del key
-        (_, metrics), grads = jax.value_and_grad(_batch_loss_fn(model, batch), has_aux=True)(params)
+        (_, metrics), grads = jax.value_and_grad(
+            _batch_loss_fn(model, batch), has_aux=True
+        )(params)
         return grads, metrics
 
     return estimate
@@ -167,14 +186,18 @@ def directional(model, *, num_guesses: int = 1, normalize: bool = False) -> Esti
             return derivative * v, metrics
 
         estimates, metrics = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
-        return unravel(jnp.mean(estimates, axis=0)), jax.tree.map(lambda m: m[0], metrics)
+        return unravel(jnp.mean(estimates, axis=0)), jax.tree.map(
+            lambda m: m[0], metrics
+        )
 
     return estimate
 
 
 def activation_perturbation(model, **common) -> Estimator:
     """Activity perturbation: y = eps ~ N(0, I) at every site. Unbiased."""
-    return activation_space(model, rules.rule_from(rules.gaussian_hidden, lookahead=0), **common)
+    return activation_space(
+        model, rules.rule_from(rules.gaussian_hidden, lookahead=0), **common
+    )
 
 
 def wt(model, **common) -> Estimator:
@@ -191,7 +214,9 @@ def downstream(model, *, depth: int = 1, **common) -> Estimator:
 
 def mixing(model, **common) -> Estimator:
     """Activation mixing: ``y_{l,b} = D_{l,b} sum_j alpha_{bj} x_{l+1,j}``. Cov = activations' (biased)."""
-    return activation_space(model, rules.rule_from(rules.mixing_hidden, lookahead=0), **common)
+    return activation_space(
+        model, rules.rule_from(rules.mixing_hidden, lookahead=0), **common
+    )
 
 
 def wperp(model, *, rank: int = 10, **common) -> Estimator:
@@ -200,11 +225,15 @@ def wperp(model, *, rank: int = 10, **common) -> Estimator:
     return activation_space(model, rules.rule_from(rules.wperp_hidden(rank)), **common)
 
 
-def wperp_ns(model, *, rank: int = 10, power_iters: int = 2, ns_steps: int = 5, **common) -> Estimator:
+def wperp_ns(
+    model, *, rank: int = 10, power_iters: int = 2, ns_steps: int = 5, **common
+) -> Estimator:
     """W-perp with the SVD replaced by Newton-Schulz subspace iteration (approximate, fast)."""
     _check_positive_int("rank", rank)
     if not isinstance(power_iters, int) or power_iters < 0:
-        raise ValueError(f"power_iters must be a non-negative integer; got {power_iters!r}.")
+        raise ValueError(
+            f"power_iters must be a non-negative integer; got {power_iters!r}."
+        )
     _check_positive_int("ns_steps", ns_steps)
     rule = rules.rule_from(rules.wperp_ns_hidden(rank, power_iters, ns_steps))
     return activation_space(model, rule, **common)
@@ -217,7 +246,9 @@ def self_sharpening(model, **common) -> Estimator:
     StableAdamW.
     """
     rule = rules.rule_from(
-        rules.downstream_hidden(1, noise="uniform"), last=rules.true_error_last, needs_label=True
+        rules.downstream_hidden(1, noise="uniform"),
+        last=rules.true_error_last,
+        needs_label=True,
     )
     return activation_space(model, rule, **common)
 
@@ -265,7 +296,11 @@ ESTIMATORS: dict[str, Callable[..., Estimator]] = {
 def estimator_options(name: str) -> dict[str, object]:
     """The keyword options of estimator ``name`` and their defaults."""
     parameters = inspect.signature(_lookup(name)).parameters.values()
-    options = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    options = {
+        p.name: p.default
+        for p in parameters
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         options.update(COMMON_OPTIONS)  # activation-space methods pass these on
     return options
@@ -273,7 +308,9 @@ def estimator_options(name: str) -> dict[str, object]:
 
 def _lookup(name: str) -> Callable[..., Estimator]:
     if name not in ESTIMATORS:
-        raise ValueError(f"Unknown estimator {name!r}; valid names: {', '.join(ESTIMATORS)}.")
+        raise ValueError(
+            f"Unknown estimator {name!r}; valid names: {', '.join(ESTIMATORS)}."
+        )
     return ESTIMATORS[name]
 
 
@@ -284,7 +321,9 @@ def build_estimator(name: str, model, **options) -> Estimator:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         listing = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
-        raise ValueError(f"Unknown option(s) {unknown} for estimator {name!r}; valid options: {listing}.")
+        raise ValueError(
+            f"Unknown option(s) {unknown} for estimator {name!r}; valid options: {listing}."
+        )
     return factory(model, **options)
 
 
@@ -306,7 +345,9 @@ def get_estimator(name: str, model, **options) -> EstimateFn:
     return estimate
 
 
-def directional_derivatives(model, params: Params, batch: Batch, tangents, *, mode: str = "joint") -> Array:
+def directional_derivatives(
+    model, params: Params, batch: Batch, tangents, *, mode: str = "joint"
+) -> Array:
     """Directional derivatives of the per-example losses along site tangents.
 
     ``tangents[l]`` has the shape of site ``l`` ([B, n_l]). Returns ``d_b =
@@ -319,7 +360,9 @@ def directional_derivatives(model, params: Params, batch: Batch, tangents, *, mo
     layer_params = core.split_params(fns, params)
     trace = core.forward(fns, layer_params, fns.preprocess(image), labels)
     if len(tangents) != fns.num_sites:
-        raise ValueError(f"Need one tangent per site ({fns.num_sites}); got {len(tangents)}.")
+        raise ValueError(
+            f"Need one tangent per site ({fns.num_sites}); got {len(tangents)}."
+        )
     if mode == "joint":
         return core.joint_derivative(trace, tuple(tangents))
     return jnp.stack(core.per_site_derivatives(trace, tuple(tangents)))

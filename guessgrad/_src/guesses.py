@@ -43,17 +43,23 @@ class GuessContext(NamedTuple):
         """``D_l v = sigma'(s_l) * v`` (for ReLU, the 0/1 mask of active units)."""
         return jax.jvp(self.fns.activation, (self.sites[index],), (tangent,))[1]
 
-    def downstream_map(self, index: int, target: int, post_activation: bool) -> Callable:
+    def downstream_map(
+        self, index: int, target: int, post_activation: bool
+    ) -> Callable:
         """``s_l -> s_target`` (then ``sigma`` if ``post_activation``), through the chain's maps."""
 
         def run(site):
             for later in range(index + 1, target + 1):
-                site = self.fns.site_fns[later](self.layer_params[later], self.fns.activation(site))
+                site = self.fns.site_fns[later](
+                    self.layer_params[later], self.fns.activation(site)
+                )
             return self.fns.activation(site) if post_activation else site
 
         return run
 
-    def pullback(self, index: int, cotangent: Array, target: int, post_activation: bool) -> Array:
+    def pullback(
+        self, index: int, cotangent: Array, target: int, post_activation: bool
+    ) -> Array:
         """VJP of :meth:`downstream_map` at ``s_l``: a cotangent at ``target`` pulled back to ``s_l``."""
         run = self.downstream_map(index, target, post_activation)
         _, vjp = jax.vjp(run, self.sites[index])
@@ -105,7 +111,9 @@ def true_error_last(ctx: GuessContext, key: PRNGKey) -> Array:
     """``softmax(s_L) - onehot(label)``: the exact ``dl_b/ds_L`` (reads the label)."""
     del key
     logits = ctx.sites[-1]
-    return jax.nn.softmax(logits) - jax.nn.one_hot(ctx.labels, logits.shape[-1], dtype=logits.dtype)
+    return jax.nn.softmax(logits) - jax.nn.one_hot(
+        ctx.labels, logits.shape[-1], dtype=logits.dtype
+    )
 
 
 def gaussian_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
@@ -192,43 +200,138 @@ def newton_schulz_rows(block: Array, steps: int) -> Array:
     return x
 
 
-def wperp_ns_hidden(rank: int, power_iters: int, ns_steps: int) -> HiddenRule:
-    """W-perp without an SVD: subspace iteration on J_b^T J_b, orthonormalised by Newton-Schulz.
+WPERP_NS_VARIANTS = ("vector", "block")
 
-    A block of ``rank`` random cotangents at ``s_{l+1}`` is pulled back
-    (``J_b^T Omega``), then ``power_iters`` times pushed forward and pulled back
-    (``J_b^T J_b``), each time re-orthonormalised with :func:`newton_schulz_rows`.
-    The block's rows approximate the top-``rank`` right singular subspace; the
-    guess is a standard normal combination of them. Every product is a batched
-    JVP or VJP of the next site map, so it works for any site map.
+
+def _example_norms(x: Array) -> Array:
+    """Per-example norms of [B, ...], shaped to broadcast against ``x``."""
+    norms = jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1))
+    return norms.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _safe_inverse(x: Array) -> Array:
+    """``1 / x`` where ``x > 0``, else 0 (zero vectors stay zero)."""
+    return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
+
+
+def _next_site_maps(ctx: GuessContext, index: int) -> tuple[Callable, Callable]:
+    """``(push, pull)``: ``v -> J_b v`` and ``u -> J_b^T u``, batched over examples.
+
+    Linearisation of the next site map at ``s_l`` and its transpose: one
+    forward of the map, then each call is one product the size of ``W^T eps``.
     """
+    site = ctx.sites[index]
+    run = ctx.downstream_map(index, index + 1, post_activation=False)
+    _, push = jax.linearize(run, site)
+    transpose = jax.linear_transpose(push, site)
+    return push, lambda u: transpose(u)[0]
+
+
+def chebyshev_filter(
+    gram: Callable[[Array], Array], start: Array, degree: int, cutoff: float
+) -> Array:
+    """``p(A) start`` per example, ``p`` a degree-``degree`` filter that favours A's top.
+
+    ``A = gram`` (symmetric PSD, applied to [B, ...]). ``cutoff > 0``: the
+    Chebyshev polynomial ``T_d(2 A / a - 1)``, bounded by 1 on ``[0, a]`` and
+    growing fastest above it, with ``a = cutoff * rho_b`` and ``rho_b = |A
+    start_b| / |start_b|``, an estimate of ``||A||`` from below read off the
+    first product (so the filter adapts to each example's scale at no extra
+    cost). ``cutoff = 0``: the power filter ``A^d``. The iterate is rescaled
+    per example after each product (the result's norm is arbitrary).
+    """
+    if degree == 0:
+        return start
+    image = gram(start)
+    if cutoff == 0:
+        current = image
+        for _ in range(degree - 1):
+            current = gram(current * _safe_inverse(_example_norms(current)))
+        return current
+    rho = _example_norms(image) * _safe_inverse(_example_norms(start))
+    two_over_a = 2.0 * _safe_inverse(cutoff * rho)
+    previous, current = start, two_over_a * image - start  # T_0, T_1
+    for _ in range(degree - 1):
+        following = 2.0 * (two_over_a * gram(current) - current) - previous
+        scale = _safe_inverse(_example_norms(following))
+        previous, current = current * scale, following * scale
+    return current
+
+
+def _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps):
+    """Block subspace iteration on ``J_b^T J_b`` with Newton-Schulz orthonormalisation."""
+    site, nxt = ctx.sites[index], ctx.sites[index + 1]
+    push, pull = _next_site_maps(ctx, index)
+    pull_block = jax.vmap(pull, in_axes=1, out_axes=1)  # [B,p,m] -> [B,p,n]
+    push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n] -> [B,p,m]
+    omega_key, z_key = jax.random.split(key)
+    omega = jax.random.normal(omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype)
+
+    def orthonormalise(block):
+        flat = block.reshape(block.shape[:2] + (-1,))
+        return newton_schulz_rows(flat, ns_steps).reshape(block.shape)
+
+    block = orthonormalise(pull_block(omega))
+    for _ in range(power_iters):
+        block = orthonormalise(pull_block(push_block(block)))
+    z = jax.random.normal(z_key, (site.shape[0], rank), site.dtype)
+    return jnp.einsum("bk,bk...->b...", z, block)
+
+
+def wperp_ns_hidden(
+    rank: int,
+    power_iters: int,
+    ns_steps: int = 5,
+    *,
+    variant: str = "vector",
+    cutoff: float = 1.0,
+) -> HiddenRule:
+    """W-perp without an SVD: the guess filtered towards J_b's top right singular subspace.
+
+    ``variant="vector"`` (fast): one guess vector, ``y = p(J_b^T J_b) J_b^T
+    eps`` with eps ~ N(0, I) at ``s_{l+1}`` and ``p`` the degree-``power_iters``
+    filter of :func:`chebyshev_filter` (``cutoff``; 0 gives the power filter).
+    In J_b's singular basis the component along ``v_i`` is ``sigma_i
+    p(sigma_i^2) z_i``: the top directions dominate, the rest are damped. Cost
+    ``1 + 2 * power_iters`` products the size of ``W^T eps`` (``wt``: 1).
+    ``rank`` and ``ns_steps`` are unused: the filter does not fix a rank, and
+    within the top subspace the guess is weighted by the filter rather than
+    isotropic as in exact W-perp.
+
+    ``variant="block"``: subspace iteration on ``rank`` vectors per example
+    (``J_b^T Omega``, then ``power_iters`` times ``J_b^T J_b``), each time
+    re-orthonormalised with ``ns_steps`` Newton-Schulz steps; the guess is a
+    standard normal combination of the rows (isotropic within the found
+    subspace, like W-perp). Cost ``rank * (1 + 2 * power_iters)`` products.
+
+    Every product is a JVP or VJP of the next site map, so both variants work
+    for any site map; guesses lie in J_b's row space (zero on dead units).
+    """
+    if variant not in WPERP_NS_VARIANTS:
+        raise ValueError(f"variant must be one of {WPERP_NS_VARIANTS}; got {variant!r}.")
+    if not cutoff >= 0:
+        raise ValueError(f"cutoff must be >= 0; got {cutoff!r}.")
 
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-        site, nxt = ctx.sites[index], ctx.sites[index + 1]
-        run = ctx.downstream_map(index, index + 1, post_activation=False)
-        _, push = jax.linearize(run, site)
-        _, pull = jax.vjp(run, site)
-        pull_block = jax.vmap(lambda u: pull(u)[0], in_axes=1, out_axes=1)  # [B,p,m]->[B,p,n]
-        push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n]->[B,p,m]
-        omega_key, z_key = jax.random.split(key)
-        omega = jax.random.normal(omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype)
-        flat = lambda x: x.reshape(x.shape[:2] + (-1,))
-        block = newton_schulz_rows(flat(pull_block(omega)), ns_steps).reshape(
-            (site.shape[0], rank) + site.shape[1:]
-        )
-        for _ in range(power_iters):
-            block = pull_block(push_block(block))
-            block = newton_schulz_rows(flat(block), ns_steps).reshape(block.shape)
-        z = jax.random.normal(z_key, (site.shape[0], rank), site.dtype)
-        return jnp.einsum("bk,bk...->b...", z, block)
+        if variant == "block":
+            return _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps)
+        nxt = ctx.sites[index + 1]
+        push, pull = _next_site_maps(ctx, index)
+        start = pull(jax.random.normal(key, nxt.shape, nxt.dtype))
+        return chebyshev_filter(lambda v: pull(push(v)), start, power_iters, cutoff)
 
     return rule
 
 
 def rule_from(
-    hidden: HiddenRule, last: LastRule = gaussian_last, needs_label: bool = False, lookahead: int = 1
+    hidden: HiddenRule,
+    last: LastRule = gaussian_last,
+    needs_label: bool = False,
+    lookahead: int = 1,
 ) -> GuessRule:
-    return GuessRule(hidden=hidden, last=last, needs_label=needs_label, lookahead=lookahead)
+    return GuessRule(
+        hidden=hidden, last=last, needs_label=needs_label, lookahead=lookahead
+    )
 
 
 def site_guess(rule: GuessRule, ctx: GuessContext, index: int, key: PRNGKey) -> Array:
@@ -247,4 +350,6 @@ def context(
     rule: GuessRule,
 ) -> GuessContext:
     """The context a rule may read: labels only for rules that declare they need them."""
-    return GuessContext(fns, tuple(layer_params), tuple(sites), labels if rule.needs_label else None)
+    return GuessContext(
+        fns, tuple(layer_params), tuple(sites), labels if rule.needs_label else None
+    )

@@ -65,7 +65,9 @@ class Chain(nn.Module):
 
     @nn.nowrap
     def layer_modules(self) -> Sequence[nn.Module]:
-        raise NotImplementedError(f"{type(self).__name__} must implement layer_modules().")
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement layer_modules()."
+        )
 
     @nn.nowrap
     def preprocess(self, image: Array) -> Array:
@@ -141,7 +143,9 @@ def chain_fns(model: nn.Module) -> ChainFns:
     modules = tuple(model.layer_modules())
     names = tuple(m.name for m in modules)
     if any(name is None for name in names) or len(set(names)) != len(names):
-        raise ValueError(f"Every module from layer_modules() needs a unique name; got {names}.")
+        raise ValueError(
+            f"Every module from layer_modules() needs a unique name; got {names}."
+        )
 
     def make_site_fn(module):
         return lambda layer_params, x: module.apply({"params": layer_params}, x)

@@ -47,7 +47,9 @@ def stable_adamw(
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError("stable_adamw needs params for weight decay: call update(grads, state, params).")
+            raise ValueError(
+                "stable_adamw needs params for weight decay: call update(grads, state, params)."
+            )
         count = state.count + 1
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
@@ -77,7 +79,9 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
     """Optimiser ``name`` (adamw, sgd, momentum = SGD with momentum 0.9, stable_adamw)."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}.")
+        raise ValueError(
+            f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}."
+        )
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive; got {learning_rate!r}.")
     return OPTIMIZERS[name](learning_rate)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from guessgrad._src.base import Aux, Batch, Estimator, Params, PRNGKey
@@ -20,8 +21,18 @@ class TrainState(NamedTuple):
     key: PRNGKey
 
 
-def init_train_state(params: Params, optimizer: optax.GradientTransformation, key: PRNGKey) -> TrainState:
-    return TrainState(jax.numpy.zeros([], jax.numpy.int32), params, optimizer.init(params), key)
+def init_train_state(
+    params: Params, optimizer: optax.GradientTransformation, key: PRNGKey
+) -> TrainState:
+    """Step 0 state, placed on the default device.
+
+    Placing it (committing it) up front matters: the step's outputs are
+    committed arrays, and a first call on uncommitted ones would compile the
+    step a second time. For several devices, pass the result to
+    :func:`guessgrad.parallel.replicate`.
+    """
+    state = TrainState(jnp.zeros([], jnp.int32), params, optimizer.init(params), key)
+    return jax.device_put(state, jax.devices()[0])
 
 
 def make_train_step(
