@@ -226,16 +226,35 @@ def wperp(model, *, rank: int = 10, **common) -> Estimator:
 
 
 def wperp_ns(
-    model, *, rank: int = 10, power_iters: int = 2, ns_steps: int = 5, **common
+    model,
+    *,
+    rank: int = 10,
+    power_iters: int = 2,
+    ns_steps: int = 5,
+    variant: str = "vector",
+    cutoff: float = 1.0,
+    **common,
 ) -> Estimator:
-    """W-perp with the SVD replaced by Newton-Schulz subspace iteration (approximate, fast)."""
+    """W-perp without an SVD: the guess filtered towards the top right singular subspace.
+
+    ``variant="vector"`` (default): ``y = p(J^T J) J^T eps`` with ``p`` a
+    degree-``power_iters`` Chebyshev filter (``cutoff``; 0 = power filter), at
+    ``1 + 2 * power_iters`` W^T-sized products; puts 0.97 of the guess's energy
+    in the exact top-10 subspace on random width-128 weights (``rank`` and
+    ``ns_steps`` unused). ``variant="block"``: ``rank`` vectors per example by
+    subspace iteration with Newton-Schulz orthonormalisation (isotropic within
+    the subspace, like exact W-perp), ``rank * (1 + 2 * power_iters)`` products.
+    """
     _check_positive_int("rank", rank)
     if not isinstance(power_iters, int) or power_iters < 0:
         raise ValueError(
             f"power_iters must be a non-negative integer; got {power_iters!r}."
         )
     _check_positive_int("ns_steps", ns_steps)
-    rule = rules.rule_from(rules.wperp_ns_hidden(rank, power_iters, ns_steps))
+    hidden = rules.wperp_ns_hidden(
+        rank, power_iters, ns_steps, variant=variant, cutoff=cutoff
+    )
+    rule = rules.rule_from(hidden)
     return activation_space(model, rule, **common)
 
 
