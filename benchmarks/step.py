@@ -113,7 +113,9 @@ def floor_macs(
         )
     elif method == "mixing":
         guess = sum(batch * batch * n for n in hidden)
-    elif method == "wperp_ns":  # default single-vector filter: 1 + 2 * power_iters products
+    elif (
+        method == "wperp_ns"
+    ):  # default single-vector filter: 1 + 2 * power_iters products
         iters = options.get("power_iters", 2)
         vectors = options.get("rank", 10) if options.get("variant") == "block" else 1
         guess = vectors * (1 + 2 * iters) * after_first
@@ -261,6 +263,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     methods = FLAGS.methods or list(gg.ESTIMATORS)
+    if FLAGS.quick and not FLAGS.methods:
+        # Exact W-perp takes seconds per step even at width 128 on a CPU.
+        methods = [name for name in methods if name != "wperp"]
     for name in methods:
         gg.estimator_options(name)  # unknown names: the registry's error
     if "backprop" not in methods:
