@@ -41,6 +41,12 @@ class _DenseNorm(nn.Module):
         return nn.LayerNorm()(gg.models.Linear(self.features)(x))
 
 
+# Estimators that guess in activation space (they take a `mode`), and those of
+# them whose guesses never read the label.
+ACTIVATION_SPACE = [n for n in gg.ESTIMATORS if "mode" in gg.estimator_options(n)]
+LABEL_FREE = [n for n in ACTIVATION_SPACE if n != "self_sharpening"]
+
+
 def make_batch(key, batch_size=4, shape=(2, 3), num_classes=5):
     image_key, label_key = jax.random.split(key)
     return {

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import flat, make_batch
+from conftest import ACTIVATION_SPACE, flat, make_batch
 
 import guessgrad as gg
 
@@ -166,17 +166,6 @@ def test_stable_adamw_is_adamw_until_the_update_rms_exceeds_one():
     rms = jnp.sqrt(jnp.mean(spike["w"] ** 2 / v_hat))
     assert rms > 1
     np.testing.assert_allclose(s_up["w"], r_up["w"] / rms, rtol=1e-4)
-
-
-ACTIVATION_SPACE = [
-    "activation_perturbation",
-    "wt",
-    "downstream",
-    "mixing",
-    "wperp",
-    "wperp_ns",
-    "self_sharpening",
-]
 
 
 @pytest.mark.parametrize("name", ACTIVATION_SPACE)

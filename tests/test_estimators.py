@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cosine, flat
+from conftest import LABEL_FREE, cosine, flat
 
 import guessgrad as gg
 from guessgrad._src import core
@@ -189,15 +189,6 @@ def test_num_guesses_averages_independent_single_guesses(small_mlp):
 
 
 # --- guesses: what they read, where they lie ----------------------------------------
-
-LABEL_FREE = [
-    "activation_perturbation",
-    "wt",
-    "downstream",
-    "mixing",
-    "wperp",
-    "wperp_ns",
-]
 
 
 @pytest.mark.parametrize("name", LABEL_FREE + ["self_sharpening"])
