@@ -42,8 +42,10 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.linalg
 from absl import app, flags
 
 import guessgrad as gg
@@ -66,7 +68,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("examples", 16, "Examples whose exact subspace is computed.")
 flags.DEFINE_integer("draws", 64, "Guesses drawn per example for the energy metrics.")
-flags.DEFINE_integer("rounds", 9, "Timed rounds (each runs every step once).")
+flags.DEFINE_integer(
+    "rounds", 9, "Timed rounds (each runs every step once; 0: no timing)."
+)
 flags.DEFINE_float(
     "max_seconds", 300.0, "Stop timing after this long (at least 3 rounds)."
 )
@@ -108,8 +112,8 @@ def candidates(rank: int) -> dict[str, rules.HiddenRule | None]:
         out[f"power d{degree}"] = rules.wperp_ns_hidden(
             rank, degree, cutoff=0.0, variant="vector"
         )
-    for cutoff in (0.5, 1.0, 1.2):
-        for degree in (2, 3, 4, 6):
+    for cutoff in (0.5, 1.0, 1.2, 1.5, 2.0):
+        for degree in (2, 3, 4, 5, 6, 8, 10):
             out[f"cheb c{cutoff} d{degree}"] = rules.wperp_ns_hidden(
                 rank, degree, cutoff=cutoff, variant="vector"
             )
@@ -130,38 +134,102 @@ def train(model, params, loader: gdata.Loader, steps: int):
 
 def exact_bases(
     ctx: rules.GuessContext, sites: list[int], rank: int
-) -> dict[int, np.ndarray]:
-    """Top-``rank`` right singular vectors of each example's J_b: [E, k, n] per site."""
-    out = {}
+) -> tuple[dict[int, np.ndarray], float]:
+    """Top-``rank`` right singular vectors of each example's J_b: [E, k, n] per site.
+
+    From the top eigenvectors of ``J_b^T J_b`` in float64 (LAPACK's subset
+    eigensolver: a full SVD of many 1024 x 1024 Jacobians takes minutes).
+    Also returns the mean gap ratio ``sigma_{k+1}^2 / sigma_k^2``: the closer
+    to 1, the harder any polynomial filter finds the top-k subspace (a
+    degree-d filter separates a relative gap delta only once d is of order
+    ``1 / sqrt(delta)``).
+    """
+    out, gaps = {}, []
     for index in sites:
-        jac = np.asarray(ctx.next_jacobian(index), np.float64)
-        _, _, vh = np.linalg.svd(jac, full_matrices=False)
-        out[index] = vh[:, :rank]
+        jac = np.asarray(ctx.next_jacobian(index), np.float64)  # [E, m, n]
+        n = jac.shape[-1]
+        vecs = []
+        for j in jac:
+            w, v = scipy.linalg.eigh(j.T @ j, subset_by_index=[n - rank - 1, n - 1])
+            vecs.append(v[:, :0:-1].T)
+            gaps.append(w[0] / w[1])
+        out[index] = np.stack(vecs)
+    return out, float(np.mean(gaps))
+
+
+def site_gradients(model, params, batch, examples: int, sites: list[int]):
+    """The true ``dl_b/ds_l`` of the first ``examples`` examples (by backprop)."""
+    fns = chain_fns(model)
+    layer_params = core.split_params(fns, params)
+    image, labels = batch["image"][:examples], batch["label"][:examples]
+    trace = core.forward(fns, layer_params, fns.preprocess(image), labels)
+
+    def total_loss(perturbations):
+        x = fns.preprocess(image)
+        for index, (site_fn, theta) in enumerate(zip(fns.site_fns, layer_params)):
+            site = site_fn(theta, x) + perturbations[index]
+            x = fns.activation(site)
+        return jnp.sum(core.per_example_loss(site, labels))
+
+    grads = jax.grad(total_loss)(tuple(jnp.zeros_like(s) for s in trace.sites))
+    return {i: np.asarray(grads[i], np.float64).reshape(examples, -1) for i in sites}
+
+
+def energy_metrics(ys, bases, grads) -> dict[str, float]:
+    """Energy of guesses ``ys[site]`` ([draws, E, n]) in the exact top-k subspace.
+
+    ``share``: mean ``|P_k y|^2 / |y|^2``; ``erank``: effective rank of the
+    mean energy profile over the top-k directions; ``cos2``: mean squared
+    cosine between the guess and the true site gradient (what a one-guess
+    forward gradient's quality scales with).
+    """
+    shares, eranks, cos2 = [], [], []
+    for index, vk in bases.items():
+        y = np.asarray(ys[index], np.float64)
+        y = y.reshape(y.shape[:2] + (-1,))  # [draws, E, n]
+        energy = np.maximum(np.sum(y**2, -1), 1e-300)
+        coef = np.einsum("ekn,den->dek", vk, y) ** 2 / energy[..., None]
+        shares.append(np.mean(np.sum(coef, -1)))
+        c = np.mean(coef, 0)  # [E, k]
+        eranks.append(np.mean(np.sum(c, -1) ** 2 / np.sum(c**2, -1)))
+        g = grads[index]
+        g_energy = np.maximum(np.sum(g**2, -1), 1e-300)
+        cos2.append(np.mean(np.einsum("en,den->de", g, y) ** 2 / energy / g_energy))
+    return {
+        "share": float(np.mean(shares)),
+        "erank": float(np.mean(eranks)),
+        "cos2": float(np.mean(cos2)),
+    }
+
+
+def draw_guesses(hidden, ctx, sites, draws: int, key) -> dict[int, np.ndarray]:
+    @jax.jit
+    def draw(keys):
+        return jax.vmap(lambda k: tuple(hidden(ctx, i, k) for i in sites))(keys)
+
+    return dict(zip(sites, draw(jax.random.split(key, draws))))
+
+
+def exact_wperp_guesses(bases, draws: int, seed: int) -> dict[int, np.ndarray]:
+    """Exact W-perp's guesses ``V_k z`` from the exact bases (no second SVD)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for index, vk in bases.items():
+        z = rng.standard_normal((draws,) + vk.shape[:2])
+        out[index] = np.einsum("dek,ekn->den", z, vk)
     return out
 
 
-def energy_metrics(hidden, ctx, bases, draws: int, key) -> tuple[float, float]:
-    """Mean share of |y|^2 in the exact top-k subspace and the effective rank within it."""
-
-    @jax.jit
-    def draw(keys):
-        return jax.vmap(lambda k: tuple(hidden(ctx, i, k) for i in bases))(keys)
-
-    ys = draw(jax.random.split(key, draws))
-    shares, eranks = [], []
-    for y, vk in zip(ys, bases.values()):
-        y = np.asarray(y, np.float64).reshape(draws, y.shape[1], -1)  # [draws, E, n]
-        energy = np.sum(y**2, -1)
-        coef = (
-            np.einsum("ekn,den->dek", vk, y) ** 2
-            / np.maximum(energy, 1e-300)[..., None]
+def gradient_in_top_k(bases, grads) -> float:
+    """Mean share of the true site gradient's energy in the exact top-k subspace."""
+    shares = []
+    for index, vk in bases.items():
+        g = grads[index]
+        proj = np.einsum("ekn,en->ek", vk, g)
+        shares.append(
+            np.mean(np.sum(proj**2, -1) / np.maximum(np.sum(g**2, -1), 1e-300))
         )
-        shares.append(np.mean(np.sum(coef, -1)))
-        c = np.mean(coef, 0)  # [E, k]
-        eranks.append(
-            np.mean(np.sum(c, -1) ** 2 / np.maximum(np.sum(c**2, -1), 1e-300))
-        )
-    return float(np.mean(shares)), float(np.mean(eranks))
+    return float(np.mean(shares))
 
 
 def sub_context(model, params, batch, examples: int) -> rules.GuessContext:
@@ -199,16 +267,21 @@ def time_steps(model, params, batch, named_rules, modes, rounds, max_seconds):
         if time.perf_counter() - start > max_seconds and index >= 2:
             break
     medians = {(e["name"], e["mode"]): statistics.median(e["times"]) for e in entries}
-    return medians, len(entries[0]["times"])
+    return medians, len(entries[0]["times"]) if entries else 0
 
 
 def format_table(rows: list[dict], modes) -> str:
-    head = "| candidate | share random | erank random | share trained | erank trained |"
+    kinds = ("random", "trained")
+    head = "| candidate |" + "".join(
+        f" share {k} | erank {k} | cos2 {k} |" for k in kinds
+    )
     head += "".join(f" ms {m} | x wt {m} |" for m in modes)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        line = f"| {r['name']} | {r['share_random']:.3f} | {r['erank_random']:.1f} "
-        line += f"| {r['share_trained']:.3f} | {r['erank_trained']:.1f} |"
+        line = f"| {r['name']} |"
+        for k in kinds:
+            line += f" {r[f'share_{k}']:.3f} | {r[f'erank_{k}']:.1f} |"
+            line += f" {r[f'cos2_{k}']:.4f} |"
         for m in modes:
             ms, ratio = r.get(f"ms_{m}"), r.get(f"x_wt_{m}")
             line += " - | - |" if ms is None else f" {ms:.1f} | {ratio:.2f} |"
@@ -244,34 +317,48 @@ def main(argv):
     eval_batch = loader.batch(FLAGS.train_steps + 1)
     random_params = model.init(jax.random.key(0), eval_batch["image"])
     t0 = time.perf_counter()
-    trained_params, metrics = train(model, random_params, loader, FLAGS.train_steps)
+    trained_params, train_metrics = train(
+        model, random_params, loader, FLAGS.train_steps
+    )
     print(
         f"trained {FLAGS.train_steps} backprop steps in {time.perf_counter() - t0:.0f} s: "
-        f"loss {metrics['loss']:.3f}, batch accuracy {metrics['accuracy']:.3f}",
+        f"loss {train_metrics['loss']:.3f}, batch accuracy {train_metrics['accuracy']:.3f}",
         flush=True,
     )
 
     widths = [width] * (depth - 1) + [dataset.num_classes]
     sites = [i for i in range(depth - 1) if widths[i + 1] > rank]
     rows = {name: {"name": name} for name in named}
+    grad_shares, gaps = {}, {}
     for kind, params in (("random", random_params), ("trained", trained_params)):
         ctx = sub_context(model, params, eval_batch, FLAGS.examples)
-        bases = exact_bases(ctx, sites, rank)
+        t0 = time.perf_counter()
+        bases, gap = exact_bases(ctx, sites, rank)
+        gaps[kind] = gap
+        grads = site_gradients(model, params, eval_batch, FLAGS.examples, sites)
+        grad_shares[kind] = gradient_in_top_k(bases, grads)
+        print(
+            f"{kind}: exact subspaces in {time.perf_counter() - t0:.0f} s; the true "
+            f"gradient has {grad_shares[kind]:.3f} of its energy in them; "
+            f"sigma_(k+1)^2 / sigma_k^2 = {gap:.4f}",
+            flush=True,
+        )
         for name, hidden in named.items():
-            hidden = rules.wperp_hidden(rank) if hidden is None else hidden
-            share, erank = energy_metrics(
-                hidden, ctx, bases, FLAGS.draws, jax.random.key(7)
-            )
-            rows[name].update({f"share_{kind}": share, f"erank_{kind}": erank})
-        print(f"energy on {kind} weights measured", flush=True)
+            if hidden is None:
+                ys = exact_wperp_guesses(bases, FLAGS.draws, seed=7)
+            else:
+                ys = draw_guesses(hidden, ctx, sites, FLAGS.draws, jax.random.key(7))
+            metrics = energy_metrics(ys, bases, grads)
+            rows[name].update({f"{m}_{kind}": v for m, v in metrics.items()})
 
     timed = {n: h for n, h in named.items() if h is not None}
+    modes = FLAGS.modes if FLAGS.rounds > 0 else []
     medians, rounds = time_steps(
         model,
         random_params,
         eval_batch,
         timed,
-        FLAGS.modes,
+        modes,
         FLAGS.rounds,
         FLAGS.max_seconds,
     )
@@ -279,7 +366,7 @@ def main(argv):
         rows[name][f"ms_{mode}"] = 1e3 * median
         rows[name][f"x_wt_{mode}"] = median / medians[("wt", mode)]
     rows = list(rows.values())
-    table = format_table(rows, FLAGS.modes)
+    table = format_table(rows, modes)
     print(
         f"\nMLP {depth}x{width}, batch {FLAGS.batch}, k={rank}, {FLAGS.examples} examples x "
         f"{FLAGS.draws} draws per site, sites {sites}; {rounds} timed rounds\n{table}"
@@ -294,7 +381,9 @@ def main(argv):
                 "batch": FLAGS.batch,
                 "rank": rank,
                 "train_steps": FLAGS.train_steps,
-                "train_metrics": metrics,
+                "train_metrics": train_metrics,
+                "gradient_share_in_top_k": grad_shares,
+                "gap_ratio_k_plus_1_over_k": gaps,
                 "timed_rounds": rounds,
                 "rows": rows,
             },

@@ -230,6 +230,24 @@ def _barrier(*values):
     return jax.lax.optimization_barrier(values)
 
 
+def _after(value, dep):
+    """``value``, made to depend on every leaf of ``dep`` by data.
+
+    XLA:CPU expands optimisation barriers before it merges common
+    subexpressions and schedules, so a barrier alone neither keeps pass 2
+    apart from pass 1 nor stops the scheduler running a pass's forward ahead
+    of its updates (which keeps every layer's activations alive). A select on
+    "the first element of each leaf of ``dep`` is finite" is a dependence XLA
+    must honour. It changes ``value`` (to NaN, or 0 for integers) only where
+    that element is not finite, and then every update is NaN or inf anyway.
+    """
+    finite = jnp.all(
+        jnp.stack([jnp.isfinite(leaf.ravel()[0]) for leaf in jax.tree.leaves(dep)])
+    )
+    fill = jnp.nan if jnp.issubdtype(value.dtype, jnp.floating) else 0
+    return jnp.where(finite, value, jnp.asarray(fill, value.dtype))
+
+
 def _window_context(fns: ChainFns, rule, layer_params, labels, index: int, site: Array):
     """A guess context holding site ``index`` and the ``rule.lookahead`` sites after it (recomputed)."""
     from guessgrad._src import guesses
@@ -247,6 +265,7 @@ def _lean_guess(fns, rule, layer_params, labels, index, site, key, normalize):
 
     impl = jax.random.key_impl(key)
     site, key_data = _barrier(site, jax.random.key_data(key))
+    key_data = _after(key_data, site)  # the noise is drawn once the site exists
     ctx = _window_context(fns, rule, layer_params, labels, index, site)
     guess = guesses.site_guess(
         rule, ctx, index, jax.random.wrap_key_data(key_data, impl=impl)
@@ -279,9 +298,12 @@ def lean_parameter_grads(
 ):
     """Pass 2: recompute layer by layer, regenerate the guesses of ``keys`` [K] and form
     ``sum_b (mean_k d_{k,b} y_{k,l,b}) dS_l/dtheta_l / B`` for each site at once."""
-    # A fresh x_0 makes every recomputed value new to XLA (no merging with pass 1);
-    # the parameters stay outside the barrier, which would copy them.
-    x, derivatives = _barrier(x0, derivatives)
+    # Pass 2 starts from pass 1's result (no merging of the two passes).
+    x = _after(x0, derivatives)
+    impl = jax.random.key_impl(keys)
+    keys = jax.random.wrap_key_data(
+        _after(jax.random.key_data(keys), derivatives), impl=impl
+    )
     grads = []
     for index in range(fns.num_sites):
         site = fns.site_fns[index](layer_params[index], x)
@@ -292,7 +314,8 @@ def lean_parameter_grads(
         )(keys)
         site_grad = jnp.mean(jax.vmap(_scale_examples)(derivatives, guesses_k), axis=0)
         grad = local_grad(fns.site_fns[index], layer_params[index], x, site_grad)
-        grads.append(grad)
         if index + 1 < fns.num_sites:
-            x = fns.activation(site)
+            # Layer l+1 starts only once layer l's update exists, so x_l dies here.
+            x = fns.activation(_after(site, grad))
+        grads.append(grad)
     return tuple(grads)

@@ -265,7 +265,9 @@ def _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps):
     pull_block = jax.vmap(pull, in_axes=1, out_axes=1)  # [B,p,m] -> [B,p,n]
     push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n] -> [B,p,m]
     omega_key, z_key = jax.random.split(key)
-    omega = jax.random.normal(omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype)
+    omega = jax.random.normal(
+        omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype
+    )
 
     def orthonormalise(block):
         flat = block.reshape(block.shape[:2] + (-1,))
@@ -308,7 +310,9 @@ def wperp_ns_hidden(
     for any site map; guesses lie in J_b's row space (zero on dead units).
     """
     if variant not in WPERP_NS_VARIANTS:
-        raise ValueError(f"variant must be one of {WPERP_NS_VARIANTS}; got {variant!r}.")
+        raise ValueError(
+            f"variant must be one of {WPERP_NS_VARIANTS}; got {variant!r}."
+        )
     if not cutoff >= 0:
         raise ValueError(f"cutoff must be >= 0; got {cutoff!r}.")
 
