@@ -229,7 +229,7 @@ def wperp_ns(
     model,
     *,
     rank: int = 10,
-    power_iters: int = 2,
+    power_iters: int = 6,
     ns_steps: int = 5,
     variant: str = "vector",
     cutoff: float = 1.0,
@@ -238,12 +238,15 @@ def wperp_ns(
     """W-perp without an SVD: the guess filtered towards the top right singular subspace.
 
     ``variant="vector"`` (default): ``y = p(J^T J) J^T eps`` with ``p`` a
-    degree-``power_iters`` Chebyshev filter (``cutoff``; 0 = power filter), at
-    ``1 + 2 * power_iters`` W^T-sized products; puts 0.97 of the guess's energy
-    in the exact top-10 subspace on random width-128 weights (``rank`` and
-    ``ns_steps`` unused). ``variant="block"``: ``rank`` vectors per example by
-    subspace iteration with Newton-Schulz orthonormalisation (isotropic within
-    the subspace, like exact W-perp), ``rank * (1 + 2 * power_iters)`` products.
+    degree-``power_iters`` Chebyshev filter whose band edge adapts to each
+    example (``cutoff`` in [0, 1]; 0 = power filter), at ``1 + 2 *
+    power_iters`` W^T-sized products. At 6x1024 the default puts 0.96 of each
+    guess's energy in the exact top-10 subspace on random weights and 1.00 on
+    trained ones, at 2.2x (per-layer) and 2.6x (joint) ``wt``'s step time
+    (``rank`` and ``ns_steps`` unused). ``variant="block"``: ``rank`` vectors
+    per example by subspace iteration with Newton-Schulz orthonormalisation
+    (isotropic within the subspace, like exact W-perp), ``rank * (1 + 2 *
+    power_iters)`` products.
     """
     _check_positive_int("rank", rank)
     if not isinstance(power_iters, int) or power_iters < 0:

@@ -233,12 +233,18 @@ def chebyshev_filter(
     """``p(A) start`` per example, ``p`` a degree-``degree`` filter that favours A's top.
 
     ``A = gram`` (symmetric PSD, applied to [B, ...]). ``cutoff > 0``: the
-    Chebyshev polynomial ``T_d(2 A / a - 1)``, bounded by 1 on ``[0, a]`` and
-    growing fastest above it, with ``a = cutoff * rho_b`` and ``rho_b = |A
-    start_b| / |start_b|``, an estimate of ``||A||`` from below read off the
-    first product (so the filter adapts to each example's scale at no extra
-    cost). ``cutoff = 0``: the power filter ``A^d``. The iterate is rescaled
-    per example after each product (the result's norm is arbitrary).
+    Chebyshev recurrence ``T_{j+1} = 2 (2 A / a_j - 1) T_j - T_{j-1}`` (``T_0
+    = start``, ``T_1 = (2 A / a_0 - 1) start``), which stays bounded on ``[0,
+    a]`` and grows fastest above it. The bound adapts per example from the
+    products already made: ``a_j = cutoff * rho_j``, ``rho_j`` the largest of
+    ``|A T_i| / |T_i|``, i <= j, a lower bound on ``||A||`` that rises towards
+    it as the iterate turns to the top. With ``cutoff <= 1``, ``a_j`` never
+    exceeds ``||A||``, so the filter always amplifies the top of the spectrum
+    (a bound above ``||A||`` would leave every eigenvalue inside the bounded
+    band: no filtering at all). ``cutoff = 0``: the power filter ``A^d``. The
+    iterate is rescaled per example after each product (the result's norm is
+    arbitrary); the result is a degree-``degree`` polynomial in ``A`` applied
+    to ``start``.
     """
     if degree == 0:
         return start
@@ -249,10 +255,14 @@ def chebyshev_filter(
             current = gram(current * _safe_inverse(_example_norms(current)))
         return current
     rho = _example_norms(image) * _safe_inverse(_example_norms(start))
-    two_over_a = 2.0 * _safe_inverse(cutoff * rho)
-    previous, current = start, two_over_a * image - start  # T_0, T_1
+    previous, current = start, 2.0 * _safe_inverse(cutoff * rho) * image - start
     for _ in range(degree - 1):
-        following = 2.0 * (two_over_a * gram(current) - current) - previous
+        image = gram(current)
+        rho = jnp.maximum(
+            rho, _example_norms(image) * _safe_inverse(_example_norms(current))
+        )
+        following = 2.0 * (2.0 * _safe_inverse(cutoff * rho) * image - current)
+        following = following - previous
         scale = _safe_inverse(_example_norms(following))
         previous, current = current * scale, following * scale
     return current
@@ -313,8 +323,11 @@ def wperp_ns_hidden(
         raise ValueError(
             f"variant must be one of {WPERP_NS_VARIANTS}; got {variant!r}."
         )
-    if not cutoff >= 0:
-        raise ValueError(f"cutoff must be >= 0; got {cutoff!r}.")
+    if not 0 <= cutoff <= 1:
+        raise ValueError(
+            f"cutoff must be in [0, 1] (above 1 the filter's band can pass the "
+            f"top of the spectrum and stop filtering); got {cutoff!r}."
+        )
 
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
         if variant == "block":
