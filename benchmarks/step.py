@@ -38,7 +38,10 @@ import guessgrad as gg
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
-    "quick", False, "One-minute version: 3x128 and 6x1024 at batch 128, fewer repeats."
+    "quick",
+    False,
+    "One-minute version: every method in the default mode at 3x128, batch 128; "
+    "backprop, wt and wperp_ns in joint mode at 6x1024, batch 128; 3 rounds.",
 )
 flags.DEFINE_list(
     "sizes", None, "Sizes as depth x width x batch, e.g. 6x1024x128 (default: all)."
@@ -67,7 +70,11 @@ FULL_SIZES = (
     "24x1024x128",
     "24x1024x1024",
 )
-QUICK_SIZES = ("3x128x128", "6x1024x128")
+# --quick: (size, methods or None for all, modes or None for --modes).
+QUICK_PLAN = (
+    ("3x128x128", None, (gg.DEFAULT_MODE,)),
+    ("6x1024x128", ("backprop", "wt", "wperp_ns"), ("joint",)),
+)
 INPUT_FEATURES, NUM_CLASSES = 784, 10
 # Exact W-perp takes one SVD per example and layer: minutes per step at width 1024.
 WPERP_MAX_WIDTH = 256
@@ -113,12 +120,11 @@ def floor_macs(
         )
     elif method == "mixing":
         guess = sum(batch * batch * n for n in hidden)
-    elif (
-        method == "wperp_ns"
-    ):  # default single-vector filter: 1 + 2 * power_iters products
-        iters = options.get("power_iters", 2)
-        vectors = options.get("rank", 10) if options.get("variant") == "block" else 1
-        guess = vectors * (1 + 2 * iters) * after_first
+    elif method == "wperp_ns":  # vector filter: 1 + 2 * power_iters products
+        options = {**gg.estimator_options(method), **options}
+        block = options["variant"] == "block"
+        vectors = options["rank"] if block else 1
+        guess = vectors * (1 + 2 * options["power_iters"]) * after_first
     else:
         return None
     if mode == "lean":  # pass 2 recomputes the forward pass and the guesses
@@ -270,17 +276,25 @@ def main(argv):
         gg.estimator_options(name)  # unknown names: the registry's error
     if "backprop" not in methods:
         methods = ["backprop"] + methods
-    sizes = FLAGS.sizes or (QUICK_SIZES if FLAGS.quick else FULL_SIZES)
-    repeats = min(FLAGS.repeats, 5) if FLAGS.quick else FLAGS.repeats
+    if FLAGS.quick and not FLAGS.sizes:
+        plan = [
+            (size, [m for m in methods if m in keep] if keep else methods, modes)
+            for size, keep, modes in QUICK_PLAN
+        ]
+    else:
+        plan = [(size, methods, None) for size in FLAGS.sizes or FULL_SIZES]
+    repeats = min(FLAGS.repeats, 3) if FLAGS.quick else FLAGS.repeats
     device = jax.devices()[0]
     print(
         f"devices: {jax.devices()} ({device.device_kind}); jax {jax.__version__}; {platform.processor() or platform.machine()}",
         flush=True,
     )
     rows = []
-    for size in sizes:
+    for size, size_methods, modes in plan:
         print(f"measuring {size} (depth x width x batch) ...", flush=True)
-        size_rows = measure_size(size, methods, FLAGS.modes, repeats, FLAGS.max_seconds)
+        size_rows = measure_size(
+            size, size_methods, modes or FLAGS.modes, repeats, FLAGS.max_seconds
+        )
         rows.extend(size_rows)
         print(format_table(size_rows), flush=True)
         with open(FLAGS.out, "w") as f:
