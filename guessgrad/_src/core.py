@@ -220,10 +220,11 @@ def accuracy(logits: Array, labels: Array) -> Array:
 # lean passes below keep none. Pass 1 runs primal and tangent together, layer
 # by layer, drawing each site's guess as the site is reached; pass 2 recomputes
 # the forward pass layer by layer, regenerates the same guesses from the same
-# keys and applies each site's local VJP at once. Optimisation barriers pin the
-# order (a guess is drawn only once its site exists; layer l+1 runs only after
-# layer l's update is formed) and stop XLA from merging pass 2's forward with
-# pass 1's, which would bring the stored activations back.
+# keys and applies each site's local VJP at once. The order is pinned by data
+# dependences (:func:`_after`): a guess is drawn only once its site exists,
+# layer l+1 runs only after layer l's update is formed, and pass 2 starts from
+# pass 1's result, so XLA cannot merge the two passes, which would bring the
+# stored activations back.
 
 
 def _barrier(*values):
@@ -231,7 +232,7 @@ def _barrier(*values):
 
 
 def _after(value, dep):
-    """``value``, made to depend on every leaf of ``dep`` by data.
+    """``value`` (an array or typed PRNG keys), made to depend on every leaf of ``dep`` by data.
 
     XLA:CPU expands optimisation barriers before it merges common
     subexpressions and schedules, so a barrier alone neither keeps pass 2
@@ -241,6 +242,10 @@ def _after(value, dep):
     must honour. It changes ``value`` (to NaN, or 0 for integers) only where
     that element is not finite, and then every update is NaN or inf anyway.
     """
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(value)
+        data = _after(jax.random.key_data(value), dep)
+        return jax.random.wrap_key_data(data, impl=impl)
     finite = jnp.all(
         jnp.stack([jnp.isfinite(leaf.ravel()[0]) for leaf in jax.tree.leaves(dep)])
     )
@@ -263,13 +268,9 @@ def _window_context(fns: ChainFns, rule, layer_params, labels, index: int, site:
 def _lean_guess(fns, rule, layer_params, labels, index, site, key, normalize):
     from guessgrad._src import guesses
 
-    impl = jax.random.key_impl(key)
-    site, key_data = _barrier(site, jax.random.key_data(key))
-    key_data = _after(key_data, site)  # the noise is drawn once the site exists
+    key = _after(key, site)  # the noise is drawn once the site exists
     ctx = _window_context(fns, rule, layer_params, labels, index, site)
-    guess = guesses.site_guess(
-        rule, ctx, index, jax.random.wrap_key_data(key_data, impl=impl)
-    )
+    guess = guesses.site_guess(rule, ctx, index, key)
     return normalize_per_example(guess) if normalize else guess
 
 
@@ -299,11 +300,7 @@ def lean_parameter_grads(
     """Pass 2: recompute layer by layer, regenerate the guesses of ``keys`` [K] and form
     ``sum_b (mean_k d_{k,b} y_{k,l,b}) dS_l/dtheta_l / B`` for each site at once."""
     # Pass 2 starts from pass 1's result (no merging of the two passes).
-    x = _after(x0, derivatives)
-    impl = jax.random.key_impl(keys)
-    keys = jax.random.wrap_key_data(
-        _after(jax.random.key_data(keys), derivatives), impl=impl
-    )
+    x, keys = _after(x0, derivatives), _after(keys, derivatives)
     grads = []
     for index in range(fns.num_sites):
         site = fns.site_fns[index](layer_params[index], x)

@@ -254,13 +254,15 @@ def chebyshev_filter(
         for _ in range(degree - 1):
             current = gram(current * _safe_inverse(_example_norms(current)))
         return current
-    rho = _example_norms(image) * _safe_inverse(_example_norms(start))
+
+    def growth(image, vector):  # |A v| / |v| per example: at most ||A||
+        return _example_norms(image) * _safe_inverse(_example_norms(vector))
+
+    rho = growth(image, start)
     previous, current = start, 2.0 * _safe_inverse(cutoff * rho) * image - start
     for _ in range(degree - 1):
         image = gram(current)
-        rho = jnp.maximum(
-            rho, _example_norms(image) * _safe_inverse(_example_norms(current))
-        )
+        rho = jnp.maximum(rho, growth(image, current))
         following = 2.0 * (2.0 * _safe_inverse(cutoff * rho) * image - current)
         following = following - previous
         scale = _safe_inverse(_example_norms(following))
