@@ -10,9 +10,18 @@ from guessgrad._src.estimators import build_estimator as build_estimator
 from guessgrad._src.estimators import directional_derivatives as directional_derivatives
 from guessgrad._src.estimators import estimator_options as estimator_options
 from guessgrad._src.estimators import get_estimator as get_estimator
+from guessgrad._src.estimators import print_structure as print_structure
+from guessgrad._src.estimators import structure as structure
 from guessgrad._src.optim import OPTIMIZERS as OPTIMIZERS
 from guessgrad._src.optim import make_optimizer as make_optimizer
 from guessgrad._src.optim import stable_adamw as stable_adamw
+from guessgrad._src.sites import NEXT as NEXT
+from guessgrad._src.sites import MarkedModel as MarkedModel
+from guessgrad._src.sites import SiteInfo as SiteInfo
+from guessgrad._src.sites import Structure as Structure
+from guessgrad._src.sites import mark_outputs as mark_outputs
+from guessgrad._src.sites import site as site
+from guessgrad._src.sites import tap as tap
 from guessgrad._src.train import TrainState as TrainState
 from guessgrad._src.train import init_train_state as init_train_state
 from guessgrad._src.train import make_train_step as make_train_step
@@ -23,6 +32,10 @@ __all__ = (
     "DEFAULT_MODE",
     "ESTIMATORS",
     "MODES",
+    "NEXT",
+    "MarkedModel",
+    "SiteInfo",
+    "Structure",
     "OPTIMIZERS",
     "TrainState",
     "build_estimator",
@@ -32,8 +45,13 @@ __all__ = (
     "init_train_state",
     "make_optimizer",
     "make_train_step",
+    "mark_outputs",
     "models",
     "parallel",
     "per_example_loss",
+    "print_structure",
+    "site",
     "stable_adamw",
+    "structure",
+    "tap",
 )

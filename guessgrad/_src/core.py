@@ -35,20 +35,30 @@ def per_example_loss(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def validate_batch(batch: Batch) -> tuple[Array, Array]:
-    """Checks a batch and returns ``(image, label)``; raises a ValueError saying what is expected."""
-    if not hasattr(batch, "keys") or "image" not in batch or "label" not in batch:
+def validate_batch(batch: Batch, need_label: bool = True) -> tuple[Array, Array | None]:
+    """Checks a batch and returns ``(image, label)``; raises a ValueError saying what is expected.
+
+    The default ``inputs`` and ``loss_fn`` read ``batch["image"]`` and
+    ``batch["label"]``; with ``need_label=False`` only the image is checked.
+    """
+    needed = ("image", "label") if need_label else ("image",)
+    if not hasattr(batch, "keys") or any(k not in batch for k in needed):
         got = sorted(batch.keys()) if hasattr(batch, "keys") else type(batch).__name__
+        what = '"image" ([B, ...] float) and "label" ([B] int)' if need_label else '"image"'
         raise ValueError(
-            f'A batch must be a dict with "image" ([B, ...] float) and "label" ([B] int); got {got}.'
+            f"A batch must be a dict with {what}; got {got}. For other batches, pass "
+            f"inputs=(batch -> model arguments) and loss_fn=(outputs, batch -> losses)."
         )
-    image, label = batch["image"], batch["label"]
+    image = batch["image"]
     if jnp.ndim(image) < 2 or not jnp.issubdtype(jnp.result_type(image), jnp.floating):
         raise ValueError(
             f'batch["image"] must be a floating array of shape [B, ...]; got shape '
             f"{jnp.shape(image)} and dtype {jnp.result_type(image)} (normalise uint8 "
             f"images first, e.g. with guessgrad.data.normalize)."
         )
+    if not need_label:
+        return image, None
+    label = batch["label"]
     if jnp.ndim(label) != 1 or not jnp.issubdtype(jnp.result_type(label), jnp.integer):
         raise ValueError(
             f'batch["label"] must be an integer array of shape [B]; got shape '
@@ -60,17 +70,6 @@ def validate_batch(batch: Batch) -> tuple[Array, Array]:
             f"{jnp.shape(label)[0]}."
         )
     return image, label
-
-
-def check_input(model, params: Params, image: Array) -> None:
-    """Raises a ValueError when the model's parameters cannot take ``image`` (checked abstractly)."""
-    try:
-        jax.eval_shape(model.apply, params, image)
-    except Exception as err:
-        reason = str(err).splitlines()[0]
-        raise ValueError(
-            f'batch["image"] has shape {jnp.shape(image)}, which these params do not accept: {reason}'
-        ) from err
 
 
 def split_params(fns: ChainFns, params: Params) -> tuple[Params, ...]:
@@ -274,7 +273,16 @@ def _lean_guess(fns, rule, layer_params, labels, index, site, key, normalize):
     return normalize_per_example(guess) if normalize else guess
 
 
-def lean_joint_derivative(fns, rule, layer_params, x0, labels, key, normalize: bool):
+def _loss(labels, loss_of):
+    """Per-example losses of the logits: cross-entropy against ``labels``, or ``loss_of``."""
+    if loss_of is not None:
+        return loss_of
+    return lambda logits: per_example_loss(logits, labels)
+
+
+def lean_joint_derivative(
+    fns, rule, layer_params, x0, labels, key, normalize: bool, loss_of=None
+):
     """Pass 1: ``(d [B], losses [B], logits)`` with no per-layer state kept."""
     site = fns.site_fns[0](layer_params[0], x0)
     tangent = _lean_guess(fns, rule, layer_params, labels, 0, site, key, normalize)
@@ -288,14 +296,12 @@ def lean_joint_derivative(fns, rule, layer_params, x0, labels, key, normalize: b
         tangent = tangent + _lean_guess(
             fns, rule, layer_params, labels, index, site, key, normalize
         )
-    losses, derivative = jax.jvp(
-        lambda logits: per_example_loss(logits, labels), (site,), (tangent,)
-    )
+    losses, derivative = jax.jvp(_loss(labels, loss_of), (site,), (tangent,))
     return derivative, losses, site
 
 
 def lean_parameter_grads(
-    fns, rule, layer_params, x0, labels, keys, derivatives, normalize: bool
+    fns, rule, layer_params, x0, labels, keys, derivatives, normalize: bool, loss_of=None
 ):
     """Pass 2: recompute layer by layer, regenerate the guesses of ``keys`` [K] and form
     ``sum_b (mean_k d_{k,b} y_{k,l,b}) dS_l/dtheta_l / B`` for each site at once."""

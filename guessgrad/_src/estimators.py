@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from guessgrad._src import core
+from guessgrad._src import core, engine
 from guessgrad._src import guesses as rules
+from guessgrad._src import sites as sites_lib
 from guessgrad._src.base import Array, Batch, EstimateFn, Estimator, Params, PRNGKey
-from guessgrad._src.models import chain_fns
+from guessgrad._src.models import Chain, chain_fns
 
 DEFAULT_MODE = "per_layer"
 
@@ -63,8 +64,121 @@ def guess_keys(key: PRNGKey, num_guesses: int) -> PRNGKey:
     return key[None] if num_guesses == 1 else jax.random.split(key, num_guesses)
 
 
-def _metrics(logits: Array, labels: Array, losses: Array) -> dict[str, Array]:
-    return {"loss": jnp.mean(losses), "accuracy": core.accuracy(logits, labels)}
+DROPOUT_SALT = 0x64726F70  # the model's "dropout" rng: fold_in(key, this)
+
+
+def default_loss(outputs: Array, batch: Batch) -> Array:
+    """Softmax cross-entropy of ``outputs`` against integer ``batch["label"]``: [B]."""
+    return core.per_example_loss(outputs, batch["label"])
+
+
+def default_inputs(batch: Batch) -> Array:
+    """``batch["image"]``."""
+    return batch["image"]
+
+
+class Problem:
+    """A model with its loss, inputs and trainable subset, as every estimator reads them.
+
+    ``prepare`` checks a call's arguments and returns what the estimators
+    need; the model's site structure is analysed once per input signature
+    (abstractly) and cached.
+    """
+
+    def __init__(self, model, loss_fn=None, inputs=None, trainable=None):
+        if not hasattr(model, "apply"):
+            raise TypeError(
+                f"Estimators need a Flax linen module with sites marked inside "
+                f"(guessgrad.site) or a guessgrad.mark_outputs(...) model; got "
+                f"{type(model).__name__}."
+            )
+        for name, fn in (("loss_fn", loss_fn), ("inputs", inputs)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable; got {fn!r}.")
+        if trainable is not None and not (callable(trainable) or jax.tree.leaves(trainable)):
+            raise ValueError(f"trainable must be a pytree of bools or a callable; got {trainable!r}.")
+        self.model = model
+        self.default_loss = loss_fn is None
+        self.default_inputs = inputs is None
+        self.loss_fn = default_loss if loss_fn is None else loss_fn
+        self.inputs = default_inputs if inputs is None else inputs
+        self.trainable = trainable
+        self._structures: dict = {}
+
+    def check_batch(self, batch: Batch) -> None:
+        if self.default_loss:
+            core.validate_batch(batch)
+        elif self.default_inputs:
+            core.validate_batch(batch, need_label=False)
+
+    def losses(self, outputs, batch, batch_size=None) -> dict[str, Array]:
+        return sites_lib.normalize_losses(self.loss_fn(outputs, batch), batch_size)
+
+    def prepare(self, params: Params, batch: Batch, key, *, analyse: bool = True):
+        """``(variables, args, rngs, structure or None, Trainable)`` for one call."""
+        self.check_batch(batch)
+        variables = sites_lib.split_variables(params)
+        sites_lib.check_collections(variables)
+        args = sites_lib.as_args(self.inputs(batch))
+        rngs = None if key is None else {"dropout": jax.random.fold_in(key, DROPOUT_SALT)}
+        mask = sites_lib.leaf_mask(self.trainable, variables)
+        self.check_input(variables, args, rngs)
+        structure = self.structure(variables, args, batch, rngs, mask) if analyse else None
+        return variables, args, rngs, structure, engine.Trainable(variables, mask)
+
+    def check_input(self, variables, args, rngs) -> None:
+        """Raises a ValueError when the model cannot take ``args`` (checked abstractly, cached)."""
+        signature = ("input", _signature((variables, args)))
+        if signature in self._structures:
+            return
+        try:
+            jax.eval_shape(lambda v, a: self.model.apply(v, *a, rngs=_abstract_rngs(rngs)),
+                           _abstract(variables), _abstract(args))
+        except Exception as err:  # noqa: BLE001 - reported with the input's shape
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            shapes = jax.tree.map(jnp.shape, args)
+            where = (f'batch["image"] has shape {shapes[0]}' if self.default_inputs
+                     else f"inputs(batch) has shapes {shapes}")
+            raise ValueError(
+                f"{where}, which the model with these params does not accept: {reason}"
+            ) from err
+        self._structures[signature] = True
+
+    def structure(self, variables, args, batch, rngs, mask) -> sites_lib.Structure:
+        signature = (_signature((variables, args, batch)), mask)
+        if signature not in self._structures:
+            self._structures[signature] = sites_lib.analyse(
+                self.model, _abstract(variables), _abstract(args), self.loss_fn,
+                _abstract(batch), _abstract_rngs(rngs), mask,
+            )
+        return self._structures[signature]
+
+    def metrics(self, outputs, batch, losses: dict[str, Array]) -> dict[str, Array]:
+        out = {"loss": sum(jnp.mean(v) for v in losses.values())}
+        if len(losses) > 1:
+            out.update({f"loss/{k}": jnp.mean(v) for k, v in losses.items()})
+        if self.default_loss:
+            out["accuracy"] = core.accuracy(outputs, batch["label"])
+        return out
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+                        if not _is_key(x) else x, tree)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _abstract_rngs(rngs):
+    # Random draws do not change shapes or dependencies: any fixed key serves the analysis.
+    return None if rngs is None else {k: jax.random.key(0) for k in rngs}
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves)
 
 
 def activation_space(
@@ -75,120 +189,167 @@ def activation_space(
     normalize: bool = True,
     mode: str = DEFAULT_MODE,
     lean: bool = False,
+    loss_fn=None,
+    inputs=None,
+    trainable=None,
 ) -> Estimator:
-    """The forward-gradient recipe in activation space, for any guess rule.
+    """The forward-gradient recipe in activation space, for any guess rule and model.
 
-    For each site ``l`` and example ``b``: guess ``y_{l,b}`` (optionally
-    rescaled to norm ``sqrt(n_l)``), measure directional derivatives by forward
-    mode, set ``g_{l,b} = d y_{l,b}`` and map it to the site's parameters by the
-    site map's own VJP. ``num_guesses`` independent estimates are averaged
-    (vmapped). In expectation ``E[g_l] = Cov(y_l) dl/ds_l`` (exactly in
-    ``per_layer`` mode; in ``joint`` mode when guesses of different sites are
-    independent and zero-mean).
+    For each guessed site ``l`` and example ``b``: guess ``y_{l,b}``
+    (optionally rescaled to norm ``sqrt(n_l)``), measure directional
+    derivatives by forward mode, set ``g_{l,b} = d y_{l,b}`` and map it to the
+    parameters by the site's own local VJP. ``num_guesses`` independent
+    estimates are averaged (vmapped). In expectation ``E[g_l] = Cov(y_l)
+    dl/ds_l`` (exactly in ``per_layer`` mode; in ``joint`` mode when guesses
+    of different sites are independent and zero-mean). Only sites that update
+    a trainable parameter are guessed.
 
-    ``lean=True`` (joint mode only) keeps no per-layer activations: one forward
+    ``lean=True`` (joint mode, :class:`~guessgrad.models.Chain` models, whose
+    sites declare their own maps) keeps no per-layer activations: one forward
     pass computes primal and tangent together, then a second recomputes the
     forward layer by layer and regenerates the same guesses from the same keys
     to form the updates. Same estimate, memory nearly flat in depth, about one
     extra forward pass of time.
     """
     _check_common(num_guesses, mode, lean)
-    fns = chain_fns(model)
-
-    def estimate_lean(params: Params, batch: Batch, key: PRNGKey):
-        image, labels = core.validate_batch(batch)
-        layer_params = core.split_params(fns, params)
-        core.check_input(model, params, image)
-        x0, keys = fns.preprocess(image), guess_keys(key, num_guesses)
-        derivatives, losses, logits = jax.vmap(
-            lambda k: core.lean_joint_derivative(
-                fns, rule, layer_params, x0, labels, k, normalize
-            )
-        )(keys)
-        grads = core.lean_parameter_grads(
-            fns, rule, layer_params, x0, labels, keys, derivatives, normalize
-        )
-        return core.join_params(fns, grads), _metrics(logits[0], labels, losses[0])
-
+    problem = Problem(model, loss_fn, inputs, trainable)
     if lean:
-        return estimate_lean
+        return _lean(problem, rule, num_guesses, normalize)
 
     def estimate(params: Params, batch: Batch, key: PRNGKey):
-        image, labels = core.validate_batch(batch)
-        layer_params = core.split_params(fns, params)
-        core.check_input(model, params, image)
-        trace = core.forward(fns, layer_params, fns.preprocess(image), labels)
-        ctx = rules.context(fns, layer_params, trace.sites, labels, rule)
+        variables, args, rngs, structure, train = problem.prepare(params, batch, key)
+        active = structure.active
+        losses, outputs, ctx = engine.linearize(
+            model, variables, args, batch, problem.loss_fn, rngs, structure,
+            [s.path for s in active], rule.needs_label,
+        )
 
         def one_estimate(guess_key):
-            guesses = rules.make_guesses(rule, ctx, guess_key)
+            guesses = {s.path: rules.site_guess(rule, ctx, s.index, guess_key) for s in active}
             if normalize:
-                guesses = tuple(core.normalize_per_example(y) for y in guesses)
-            return core.site_gradient_estimates(trace, guesses, mode)
+                guesses = {p: core.normalize_per_example(y) for p, y in guesses.items()}
+            return engine.site_gradients(ctx, guesses, mode)
 
         site_grads = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
-        site_grads = tuple(jnp.mean(g, axis=0) for g in site_grads)
-        grads = core.local_parameter_grads(fns, layer_params, trace.inputs, site_grads)
-        return core.join_params(fns, grads), _metrics(
-            trace.sites[-1], labels, trace.losses
+        site_grads = {p: jnp.mean(g, axis=0) for p, g in site_grads.items()}
+        grads = engine.local_parameter_grads(
+            model, train, args, batch, problem.loss_fn, rngs, structure, site_grads
         )
+        return grads, problem.metrics(outputs, batch, losses)
 
     return estimate
 
 
-def _batch_loss_fn(model, batch: Batch) -> Callable[[Params], tuple[Array, dict]]:
-    image, labels = core.validate_batch(batch)
+def _lean(problem: Problem, rule, num_guesses: int, normalize: bool) -> Estimator:
+    model = problem.model
+    if not isinstance(model, Chain):
+        raise ValueError(
+            f"lean=True needs a model whose sites declare their own maps (a "
+            f"guessgrad.models.Chain, e.g. MLP): pass two recomputes the forward site by "
+            f"site. {type(model).__name__} marks its sites inline; use lean=False."
+        )
+    fns = chain_fns(model)
+    if rule.needs_label and not problem.default_loss:
+        raise ValueError(
+            "lean=True with a rule that reads the loss gradient (self_sharpening) needs the "
+            "default loss; use lean=False for another loss_fn."
+        )
 
-    def loss_fn(params):
-        core.check_input(model, params, image)
-        logits = model.apply(params, image)
-        losses = core.per_example_loss(logits, labels)
-        return jnp.mean(losses), _metrics(logits, labels, losses)
+    def estimate(params: Params, batch: Batch, key: PRNGKey):
+        variables, args, _, _, train = problem.prepare(params, batch, key, analyse=False)
+        layer_params = core.split_params(fns, variables)
+        x0, keys = fns.preprocess(*args), guess_keys(key, num_guesses)
+        if problem.default_loss:
+            labels, loss_of = batch["label"], None
+        else:
+            labels = None
 
-    return loss_fn
+            def loss_of(logits):
+                losses = problem.losses(logits, batch)
+                if len(losses) != 1 or jnp.ndim(next(iter(losses.values()))) != 1:
+                    raise ValueError("lean=True needs one per-example loss [B] from loss_fn.")
+                return next(iter(losses.values()))
+
+        derivatives, losses, logits = jax.vmap(
+            lambda k: core.lean_joint_derivative(
+                fns, rule, layer_params, x0, labels, k, normalize, loss_of
+            )
+        )(keys)
+        grads = core.lean_parameter_grads(
+            fns, rule, layer_params, x0, labels, keys, derivatives, normalize, loss_of
+        )
+        grads = core.join_params(fns, grads)
+        if train.mask is not None:
+            grads = train.full([g for g, m in zip(jax.tree.leaves(grads), train.mask) if m])
+        return grads, problem.metrics(logits[0], batch, {"loss": losses[0]})
+
+    return estimate
+
+
+def _exact(problem: Problem):
+    """``(params, batch, key) -> (loss_fn of the trainable part, Trainable)``."""
+
+    def setup(params, batch, key):
+        variables, args, rngs, _, train = problem.prepare(params, batch, key, analyse=False)
+
+        def loss_fn(part):
+            outputs = problem.model.apply(train.rebuild(part), *args, rngs=rngs)
+            losses = problem.losses(outputs, batch)
+            return sum(jnp.mean(v) for v in losses.values()), problem.metrics(
+                outputs, batch, losses)
+
+        return loss_fn, train
+
+    return setup
 
 
 # --- the estimators (registry entries) -----------------------------------------
 
 
-def backprop(model) -> Estimator:
-    """The oracle: the exact gradient of the mean cross-entropy by ``jax.grad``."""
-    chain_fns(model)
+def backprop(model, *, loss_fn=None, inputs=None, trainable=None) -> Estimator:
+    """The oracle: the exact gradient of the sum of the mean losses, by ``jax.grad`` through Flax."""
+    setup = _exact(Problem(model, loss_fn, inputs, trainable))
 
     def estimate(params, batch, key):
-        del key
-        (_, metrics), grads = jax.value_and_grad(
-            _batch_loss_fn(model, batch), has_aux=True
-        )(params)
-        return grads, metrics
+        loss, train = setup(params, batch, key)
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(train.part)
+        return train.full(grads), metrics
 
     return estimate
 
 
-def directional(model, *, num_guesses: int = 1, normalize: bool = False) -> Estimator:
-    """Directional descent (weight perturbation): ``(grad L . v) v``, v ~ N(0, I) over all parameters.
+def directional(
+    model,
+    *,
+    num_guesses: int = 1,
+    normalize: bool = False,
+    loss_fn=None,
+    inputs=None,
+    trainable=None,
+) -> Estimator:
+    """Directional descent (weight perturbation): ``(grad L . v) v``, v ~ N(0, I) over the trainable parameters.
 
     One v per guess, shared by the whole batch; unbiased. ``normalize`` rescales
-    v to norm ``sqrt(N)`` (uniform on the sphere: still unbiased).
+    v to norm ``sqrt(N)`` (uniform on the sphere: still unbiased). Frozen
+    parameters are not perturbed (their estimate is exactly zero).
     """
     _check_common(num_guesses, "joint")
-    chain_fns(model)
+    setup = _exact(Problem(model, loss_fn, inputs, trainable))
 
     def estimate(params, batch, key):
-        loss_fn = _batch_loss_fn(model, batch)
-        flat, unravel = ravel_pytree(params)
+        loss, train = setup(params, batch, key)
+        flat, unravel = ravel_pytree(train.part)
 
         def one_estimate(guess_key):
             v = jax.random.normal(guess_key, flat.shape, flat.dtype)
             if normalize:
                 v = v * jnp.sqrt(v.size) / jnp.linalg.norm(v)
-            (_, metrics), (derivative, _) = jax.jvp(loss_fn, (params,), (unravel(v),))
+            (_, metrics), (derivative, _) = jax.jvp(loss, (train.part,), (unravel(v),))
             return derivative * v, metrics
 
         estimates, metrics = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
-        return unravel(jnp.mean(estimates, axis=0)), jax.tree.map(
-            lambda m: m[0], metrics
-        )
+        grads = unravel(jnp.mean(estimates, axis=0))
+        return train.full(grads), jax.tree.map(lambda m: m[0], metrics)
 
     return estimate
 
@@ -275,7 +436,9 @@ def self_sharpening(model, **common) -> Estimator:
     return activation_space(model, rule, **common)
 
 
-def oracle_angle(model, *, cosine: float = 0.03) -> Estimator:
+def oracle_angle(
+    model, *, cosine: float = 0.03, loss_fn=None, inputs=None, trainable=None
+) -> Estimator:
     """Oracle control: a guess at a fixed angle to the true gradient (uses ``jax.grad``).
 
     ``g_theta = cos(theta) g + sin(theta) g_perp`` with ``cos(theta) = cosine`` and
@@ -285,10 +448,11 @@ def oracle_angle(model, *, cosine: float = 0.03) -> Estimator:
     """
     if not -1.0 <= float(cosine) <= 1.0:
         raise ValueError(f"cosine must lie in [-1, 1]; got {cosine!r}.")
-    exact = backprop(model)
+    setup = _exact(Problem(model, loss_fn, inputs, trainable))
 
     def estimate(params, batch, key):
-        grads, metrics = exact(params, batch, None)
+        loss, train = setup(params, batch, None)
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(train.part)
         g, unravel = ravel_pytree(grads)
         g_norm = jnp.linalg.norm(g)
         unit = g / jnp.where(g_norm > 0, g_norm, 1.0)
@@ -296,7 +460,7 @@ def oracle_angle(model, *, cosine: float = 0.03) -> Estimator:
         r = r - jnp.dot(r, unit) * unit
         perp = r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(g.dtype).tiny) * g_norm
         sine = jnp.sqrt(1.0 - jnp.asarray(cosine, g.dtype) ** 2)
-        return unravel(cosine * g + sine * perp), metrics
+        return train.full(unravel(cosine * g + sine * perp)), metrics
 
     return estimate
 
@@ -315,13 +479,21 @@ ESTIMATORS: dict[str, Callable[..., Estimator]] = {
 }
 
 
+# Arguments every estimator takes that describe the problem, not the method.
+PROBLEM_OPTIONS = ("loss_fn", "inputs", "trainable")
+
+
 def estimator_options(name: str) -> dict[str, object]:
-    """The keyword options of estimator ``name`` and their defaults."""
+    """The method's keyword options of estimator ``name`` and their defaults.
+
+    The problem's arguments (``loss_fn``, ``inputs``, ``trainable``), which
+    every estimator takes, are not listed.
+    """
     parameters = inspect.signature(_lookup(name)).parameters.values()
     options = {
         p.name: p.default
         for p in parameters
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in PROBLEM_OPTIONS
     }
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         options.update(COMMON_OPTIONS)  # activation-space methods pass these on
@@ -336,8 +508,30 @@ def _lookup(name: str) -> Callable[..., Estimator]:
     return ESTIMATORS[name]
 
 
-def build_estimator(name: str, model, **options) -> Estimator:
-    """Estimator ``name`` for ``model``: ``(params, batch, key) -> (grads, metrics)``."""
+def build_estimator(
+    name: str, model, *, loss_fn=None, inputs=None, trainable=None, **options
+) -> Estimator:
+    """Estimator ``name`` for ``model``: ``(params, batch, key) -> (grads, metrics)``.
+
+    Args:
+      name: a key of :data:`ESTIMATORS`.
+      model: a Flax linen module with sites marked inside (:func:`guessgrad.site`),
+        a :func:`guessgrad.mark_outputs` model, or a :class:`guessgrad.models.Chain`.
+      loss_fn: ``(outputs, batch) -> [B]`` per-example losses, or a dict of
+        named ones (local losses), each ``[B]`` or ``[B, *copies]``; the
+        objective is the sum of their means. Default: softmax cross-entropy of
+        the outputs against integer ``batch["label"]``.
+      inputs: ``batch -> `` the model's call argument (a tuple for several).
+        Default: ``batch["image"]``.
+      trainable: a pytree of bools with the structure of ``params``, or a
+        callable from ``params`` to one (as ``optax.masked`` takes). Frozen
+        leaves get exact zeros; sites that update no trainable leaf are not
+        guessed.
+      **options: the method's options (:func:`estimator_options`).
+
+    Metrics: ``loss`` (the objective), ``loss/<name>`` per loss when there are
+    several, and ``accuracy`` with the default loss.
+    """
     factory = _lookup(name)
     valid = estimator_options(name)
     unknown = sorted(set(options) - set(valid))
@@ -346,18 +540,22 @@ def build_estimator(name: str, model, **options) -> Estimator:
         raise ValueError(
             f"Unknown option(s) {unknown} for estimator {name!r}; valid options: {listing}."
         )
-    return factory(model, **options)
+    return factory(model, loss_fn=loss_fn, inputs=inputs, trainable=trainable, **options)
 
 
-def get_estimator(name: str, model, **options) -> EstimateFn:
+def get_estimator(
+    name: str, model, *, loss_fn=None, inputs=None, trainable=None, **options
+) -> EstimateFn:
     """Estimator ``name`` for ``model`` as a pure function ``(params, batch, key) -> grads``.
 
-    ``grads`` has exactly the tree structure, shapes and dtypes of ``params``.
-    Works under ``jax.jit`` and ``jax.vmap`` over keys; the same key gives the
-    same result. Unknown names or options raise a ValueError listing the valid
-    choices.
+    Arguments as :func:`build_estimator`. ``grads`` has exactly the tree
+    structure, shapes and dtypes of ``params``. Works under ``jax.jit`` and
+    ``jax.vmap`` over keys; the same key gives the same result. Unknown names
+    or options raise a ValueError listing the valid choices.
     """
-    estimator = build_estimator(name, model, **options)
+    estimator = build_estimator(
+        name, model, loss_fn=loss_fn, inputs=inputs, trainable=trainable, **options
+    )
 
     def estimate(params: Params, batch: Batch, key: PRNGKey):
         return estimator(params, batch, key)[0]
@@ -367,24 +565,52 @@ def get_estimator(name: str, model, **options) -> EstimateFn:
     return estimate
 
 
+def structure(
+    model, params: Params, batch: Batch, *, loss_fn=None, inputs=None, trainable=None
+) -> sites_lib.Structure:
+    """The model's site structure: sites in forward order, their targets and losses,
+    and the site or loss that updates each parameter. ``print`` it for a table."""
+    problem = Problem(model, loss_fn, inputs, trainable)
+    return problem.prepare(params, batch, jax.random.key(0))[3]
+
+
+def print_structure(model, params: Params, batch: Batch, **kwargs) -> sites_lib.Structure:
+    """Prints :func:`structure` as a table (what is guessed, what gets an exact gradient)."""
+    found = structure(model, params, batch, **kwargs)
+    print(found.table())
+    return found
+
+
 def directional_derivatives(
-    model, params: Params, batch: Batch, tangents, *, mode: str = "joint"
+    model,
+    params: Params,
+    batch: Batch,
+    tangents,
+    *,
+    mode: str = "joint",
+    loss_fn=None,
+    inputs=None,
 ) -> Array:
     """Directional derivatives of the per-example losses along site tangents.
 
-    ``tangents[l]`` has the shape of site ``l`` ([B, n_l]). Returns ``d_b =
-    sum_l <dl_b/ds_l, tangents[l]_b>`` ([B]) in ``joint`` mode, or the stacked
-    ``d_{l,b}`` ([L, B]) in ``per_layer`` mode.
+    ``tangents`` holds one tangent per site, in forward order (or a dict from
+    site name to tangent), each with the shape of its site ([B, ...]).
+    Returns ``d_b = sum_l <dl_b/ds_l, tangents[l]_b>`` ([B]) in ``joint``
+    mode, or the stacked ``d_{l,b}`` ([L, B]) in ``per_layer`` mode, where
+    ``l_b`` is the sum over losses of each loss's mean over its copies.
     """
     _check_common(1, mode)
-    fns = chain_fns(model)
-    image, labels = core.validate_batch(batch)
-    layer_params = core.split_params(fns, params)
-    trace = core.forward(fns, layer_params, fns.preprocess(image), labels)
-    if len(tangents) != fns.num_sites:
-        raise ValueError(
-            f"Need one tangent per site ({fns.num_sites}); got {len(tangents)}."
-        )
-    if mode == "joint":
-        return core.joint_derivative(trace, tuple(tangents))
-    return jnp.stack(core.per_site_derivatives(trace, tuple(tangents)))
+    problem = Problem(model, loss_fn, inputs)
+    variables, args, rngs, found, _ = problem.prepare(params, batch, None)
+    paths = [s.path for s in found.sites]
+    if not isinstance(tangents, dict):
+        if len(tangents) != len(paths):
+            raise ValueError(f"Need one tangent per site ({len(paths)}); got {len(tangents)}.")
+        tangents = dict(zip(paths, tangents))
+    unknown = sorted(set(tangents) - set(paths))
+    if unknown:
+        raise ValueError(f"No sites named {unknown}; the sites are {paths}.")
+    _, _, ctx = engine.linearize(model, variables, args, batch, problem.loss_fn, rngs,
+                                 found, list(tangents))
+    out = engine.derivatives(ctx, tangents, mode)
+    return out if mode == "joint" else jnp.stack([out[p] for p in tangents])

@@ -24,7 +24,14 @@ from guessgrad._src.models import ChainFns
 
 
 class GuessContext(NamedTuple):
-    """Everything a guess rule may read. ``labels`` is None unless the rule needs them."""
+    """What a rule may read on a :class:`~guessgrad.models.Chain` (lean mode, tests).
+
+    The rules only use the context interface below (``value``, ``target``,
+    ``pull``, ...), which :class:`guessgrad._src.engine.GraphContext`
+    implements for any model with sites. Targets are opaque handles: site
+    indices here, site or tap names there. ``labels`` is None unless the rule
+    needs them.
+    """
 
     fns: ChainFns
     layer_params: tuple[Params, ...]
@@ -34,6 +41,21 @@ class GuessContext(NamedTuple):
     @property
     def num_sites(self) -> int:
         return len(self.sites)
+
+    def is_terminal(self, index: int) -> bool:
+        """Whether site ``index`` is the last (the logits): it gets the rule's output guess."""
+        return index == self.num_sites - 1
+
+    def target(self, index: int, depth: int = 1) -> int:
+        """The site ``depth`` links after ``index`` (the logits if past the end)."""
+        return min(index + depth, self.num_sites - 1)
+
+    def value(self, target: int) -> Array:
+        return self.sites[target]
+
+    def has_act(self, target: int) -> bool:
+        """Whether an activation follows ``target`` (every site but the logits)."""
+        return target < self.num_sites - 1
 
     def output(self, index: int) -> Array:
         """``x_{l+1} = sigma(s_l)``, the activation after site ``l``."""
@@ -57,13 +79,25 @@ class GuessContext(NamedTuple):
 
         return run
 
-    def pullback(
-        self, index: int, cotangent: Array, target: int, post_activation: bool
+    def pull(
+        self, index: int, target: int, cotangent: Array, post_activation: bool = False
     ) -> Array:
         """VJP of :meth:`downstream_map` at ``s_l``: a cotangent at ``target`` pulled back to ``s_l``."""
         run = self.downstream_map(index, target, post_activation)
         _, vjp = jax.vjp(run, self.sites[index])
         return vjp(cotangent)[0]
+
+    def next_maps(self, index: int) -> tuple[Callable, Callable]:
+        """``(push, pull)``: ``v -> J_b v`` and ``u -> J_b^T u`` for the next site, batched.
+
+        Linearisation of the next site map at ``s_l`` and its transpose: one
+        forward of the map, then each call is one product the size of ``W^T eps``.
+        """
+        site = self.sites[index]
+        run = self.downstream_map(index, index + 1, post_activation=False)
+        _, push = jax.linearize(run, site)
+        transpose = jax.linear_transpose(push, site)
+        return push, lambda u: transpose(u)[0]
 
     def next_jacobian(self, index: int) -> Array:
         """Per-example Jacobian ``J_b = d s_{l+1,b} / d s_{l,b}`` (``W_{l+1} D_{l,b}`` for dense): [B, m, n]."""
@@ -75,13 +109,20 @@ class GuessContext(NamedTuple):
 
         return jax.vmap(one)(self.sites[index])
 
+    def loss_gradient(self, index: int) -> Array:
+        """``softmax(s_L) - onehot(label)``: the exact ``dl_b/ds_L`` (reads the label)."""
+        logits = self.sites[index]
+        return jax.nn.softmax(logits) - jax.nn.one_hot(
+            self.labels, logits.shape[-1], dtype=logits.dtype
+        )
+
 
 HiddenRule = Callable[[GuessContext, int, PRNGKey], Array]
-LastRule = Callable[[GuessContext, PRNGKey], Array]
+LastRule = Callable[[GuessContext, int, PRNGKey], Array]
 
 
 class GuessRule(NamedTuple):
-    """A method's guess: ``hidden(ctx, l, key)`` for sites before the logits, ``last`` for the logits.
+    """A method's guess: ``hidden(ctx, l, key)`` for sites with a target, ``last(ctx, l, key)`` for terminal ones.
 
     ``lookahead``: how many sites after ``l`` the hidden rule reads (W^T reads
     ``s_{l+1}``, k-downstream ``s_{l+k}``), so a pass that keeps no activations
@@ -102,31 +143,27 @@ def make_guesses(rule: GuessRule, ctx: GuessContext, key: PRNGKey) -> tuple[Arra
 # --- the rules ----------------------------------------------------------------
 
 
-def gaussian_last(ctx: GuessContext, key: PRNGKey) -> Array:
-    """eps ~ N(0, I) at the logits."""
-    return jax.random.normal(key, ctx.sites[-1].shape, ctx.sites[-1].dtype)
-
-
-def true_error_last(ctx: GuessContext, key: PRNGKey) -> Array:
-    """``softmax(s_L) - onehot(label)``: the exact ``dl_b/ds_L`` (reads the label)."""
-    del key
-    logits = ctx.sites[-1]
-    return jax.nn.softmax(logits) - jax.nn.one_hot(
-        ctx.labels, logits.shape[-1], dtype=logits.dtype
-    )
-
-
 def gaussian_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
     """Activity perturbation: eps ~ N(0, I) at the site."""
-    site = ctx.sites[index]
+    site = ctx.value(index)
     return jax.random.normal(key, site.shape, site.dtype)
 
 
+gaussian_last = gaussian_hidden  # eps ~ N(0, I) at a terminal site (the logits)
+
+
+def true_error_last(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+    """The exact per-example loss gradient at a terminal site (``softmax - onehot`` at logits)."""
+    del key
+    return ctx.loss_gradient(index)
+
+
 def wt_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-    """``D_l W_{l+1}^T eps`` with eps ~ N(0, I) at ``s_{l+1}``: the VJP of the next site map."""
-    nxt = ctx.sites[index + 1]
+    """``D_l W_{l+1}^T eps`` with eps ~ N(0, I) at the next site: the VJP of the map to it."""
+    target = ctx.target(index)
+    nxt = ctx.value(target)
     eps = jax.random.normal(key, nxt.shape, nxt.dtype)
-    return ctx.pullback(index, eps, target=index + 1, post_activation=False)
+    return ctx.pull(index, target, eps)
 
 
 def downstream_hidden(depth: int, noise: str = "normal") -> HiddenRule:
@@ -137,14 +174,13 @@ def downstream_hidden(depth: int, noise: str = "normal") -> HiddenRule:
     """
 
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-        last = ctx.num_sites - 1
-        target = min(index + depth, last)
-        shape, dtype = ctx.sites[target].shape, ctx.sites[target].dtype
+        target = ctx.target(index, depth)
+        shape, dtype = ctx.value(target).shape, ctx.value(target).dtype
         if noise == "uniform":
             eps = jax.random.uniform(key, shape, dtype, -1.0, 1.0)
         else:
             eps = jax.random.normal(key, shape, dtype)
-        return ctx.pullback(index, eps, target=target, post_activation=target < last)
+        return ctx.pull(index, target, eps, post_activation=ctx.has_act(target))
 
     return rule
 
@@ -172,7 +208,7 @@ def wperp_hidden(rank: int) -> HiddenRule:
     """
 
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-        site = ctx.sites[index]
+        site = ctx.value(index)
         jac = ctx.next_jacobian(index)  # [B, m, n]
         _, singular_values, vh = jnp.linalg.svd(jac, full_matrices=False)
         k = min(rank, vh.shape[1])
@@ -212,19 +248,6 @@ def _example_norms(x: Array) -> Array:
 def _safe_inverse(x: Array) -> Array:
     """``1 / x`` where ``x > 0``, else 0 (zero vectors stay zero)."""
     return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
-
-
-def _next_site_maps(ctx: GuessContext, index: int) -> tuple[Callable, Callable]:
-    """``(push, pull)``: ``v -> J_b v`` and ``u -> J_b^T u``, batched over examples.
-
-    Linearisation of the next site map at ``s_l`` and its transpose: one
-    forward of the map, then each call is one product the size of ``W^T eps``.
-    """
-    site = ctx.sites[index]
-    run = ctx.downstream_map(index, index + 1, post_activation=False)
-    _, push = jax.linearize(run, site)
-    transpose = jax.linear_transpose(push, site)
-    return push, lambda u: transpose(u)[0]
 
 
 def chebyshev_filter(
@@ -272,8 +295,8 @@ def chebyshev_filter(
 
 def _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps):
     """Block subspace iteration on ``J_b^T J_b`` with Newton-Schulz orthonormalisation."""
-    site, nxt = ctx.sites[index], ctx.sites[index + 1]
-    push, pull = _next_site_maps(ctx, index)
+    site, nxt = ctx.value(index), ctx.value(ctx.target(index))
+    push, pull = ctx.next_maps(index)
     pull_block = jax.vmap(pull, in_axes=1, out_axes=1)  # [B,p,m] -> [B,p,n]
     push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n] -> [B,p,m]
     omega_key, z_key = jax.random.split(key)
@@ -334,8 +357,8 @@ def wperp_ns_hidden(
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
         if variant == "block":
             return _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps)
-        nxt = ctx.sites[index + 1]
-        push, pull = _next_site_maps(ctx, index)
+        nxt = ctx.value(ctx.target(index))
+        push, pull = ctx.next_maps(index)
         start = pull(jax.random.normal(key, nxt.shape, nxt.dtype))
         return chebyshev_filter(lambda v: pull(push(v)), start, power_iters, cutoff)
 
@@ -356,8 +379,8 @@ def rule_from(
 def site_guess(rule: GuessRule, ctx: GuessContext, index: int, key: PRNGKey) -> Array:
     """The guess at site ``index`` from the per-guess ``key`` (as :func:`make_guesses` draws it)."""
     site_key = jax.random.fold_in(key, index)
-    if index == ctx.num_sites - 1:
-        return rule.last(ctx, site_key)
+    if ctx.is_terminal(index):
+        return rule.last(ctx, index, site_key)
     return rule.hidden(ctx, index, site_key)
 
 

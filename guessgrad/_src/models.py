@@ -1,13 +1,13 @@
-"""Networks as chains of sites, the structure every estimator works on.
+"""Models with sites: the MLP of the paper, and chains of site maps.
 
-A :class:`Chain` is a sequence of *site maps* ``s_l = f_l(theta_l, x_l)`` (a
-dense layer, a grouped dense layer, a token-mixing layer, a linear map followed
-by a layer norm, ...) with an elementwise activation between consecutive
-sites, ``x_{l+1} = sigma(s_l)``. The last site is the logits. Estimators only
-ever call a site map, its VJP and its JVP, so any Flax module can be a site map.
-
-To write your own network, subclass :class:`Chain` and return the site maps
-from :meth:`Chain.layer_modules`; every estimator then works on it.
+Any Flax module with sites marked inside (:func:`guessgrad.site`) works
+with every estimator. A :class:`Chain` is the special case of a sequence of
+*site maps* ``s_l = f_l(theta_l, x_l)`` (a dense layer, a grouped dense
+layer, a linear map followed by a layer norm, ...) with an elementwise
+activation between consecutive sites, ``x_{l+1} = sigma(s_l)``; the last site
+is the logits. Its sites are marked after each map, and because each site
+declares its own map, a chain also supports lean mode (which recomputes the
+forward site by site).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from guessgrad._src.base import Array, Params
+from guessgrad._src.sites import site
 
 
 def fan_in_uniform(fan_in: int) -> Callable:
@@ -84,9 +85,9 @@ class Chain(nn.Module):
         x = self.preprocess(image)
         modules = self.layer_modules()
         for index, module in enumerate(modules):
-            x = module(x)
-            if index < len(modules) - 1:
-                x = self.activation(x)
+            last = index == len(modules) - 1
+            # Site l is the output of map l, named after it; the activation follows.
+            x = site(self, module.name, module(x), act=None if last else self.activation)
         return x
 
 

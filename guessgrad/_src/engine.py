@@ -1,0 +1,291 @@
+"""The forward-mode engine on any model with sites: one linearisation serves everything.
+
+For a batch, the forward pass ``perturbations -> (losses, site values, taps)``
+is linearised once (``jax.linearize``) at zero perturbations. From that one
+linear map:
+
+* joint mode: the map applied to every site's guess at once gives the
+  per-example (per-copy) loss derivatives, ``d_b = sum_l <dl_b/ds_l, y_{l,b}>``;
+* per-site mode: ``jax.jvp`` of the map with a tangent at site ``l`` only:
+  tangents upstream of ``l`` are symbolic zeros, so the work is triangular;
+* a rule's pull and push (W^T, downstream, W-perp) are the transpose and the
+  restriction of "tangent at site l only -> tangent at its target".
+
+Parameter estimates come from one VJP of the forward run with a
+``stop_gradient`` on every site value (the *cut* forward), with cotangent
+``g_l / B`` at each site's raw value and the exact mean-loss cotangent at each
+loss: every site map gets its own local VJP (nothing flows back across sites)
+and parameters after the last site before a loss (local heads, readouts) get
+their exact local gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from guessgrad._src import sites as sites_lib
+from guessgrad._src.base import Array, Params
+from guessgrad._src.sites import SiteInfo, Structure
+
+
+def scale_examples(scale: Array, y: Array) -> Array:
+    """[B] * [B, ...] -> [B, ...]."""
+    return scale.reshape(scale.shape + (1,) * (y.ndim - 1)) * y
+
+
+def _scale_copies(d: Array, y: Array) -> Array:
+    """[B, c_1..c_k] * [B, c_1..c_{k-1}, S, ...] with S = c_k * m: one derivative per copy."""
+    k = d.ndim - 1
+    grouped = y.reshape(y.shape[:k] + (d.shape[k], -1))
+    return (grouped * d.reshape(d.shape + (1,))).reshape(y.shape)
+
+
+def site_estimate(info: SiteInfo, loss_tangents: Mapping[str, Array],
+                  loss_shapes: Mapping[str, tuple], y: Array) -> Array:
+    """``g_{l,b} = d_b y_{l,b}`` with ``d`` from the losses site ``l`` feeds.
+
+    A loss with copy axes [B, *copies] counts as their mean; with the
+    ``"copies"`` layout each copy's derivative scales only the site elements
+    of that copy (Ren et al.'s patch- and group-wise losses).
+    """
+    per_example = None
+    out = None
+    for name, layout in zip(info.feeds, info.layouts):
+        d = loss_tangents[name]
+        copies = sites_lib.copies_of(loss_shapes[name])
+        if copies != 1:
+            d = d / copies
+        if layout == "copies":
+            term = _scale_copies(d, y)
+            out = term if out is None else out + term
+            continue
+        if layout == "summed":
+            d = jnp.sum(d.reshape(d.shape[0], -1), axis=-1)
+        per_example = d if per_example is None else per_example + d
+    if per_example is not None:
+        term = scale_examples(per_example, y)
+        out = term if out is None else out + term
+    return out
+
+
+class GraphContext:
+    """What a guess rule may read on a model with sites (the interface of ``GuessContext``).
+
+    Targets are site or tap names. ``lin`` maps a dict of site perturbations
+    (the guessed sites) to ``(loss tangents, value tangents)``.
+    """
+
+    def __init__(self, structure: Structure, values: Mapping[str, Array], lin: Callable,
+                 zeros: Mapping[str, Array], needs_label: bool):
+        self.structure = structure
+        self.values = values
+        self.lin = lin
+        self.zeros = dict(zeros)
+        self.needs_label = needs_label
+        self.infos = structure.sites
+        self._by_path = {s.path: s for s in structure.sites}
+
+    # -- the interface rules use ---------------------------------------------------
+
+    def is_terminal(self, index: int) -> bool:
+        return self.infos[index].target is None
+
+    def target(self, index: int, depth: int = 1) -> str:
+        """The site or tap ``depth`` ``next`` links after site ``index`` (stops at the end)."""
+        info, target = self.infos[index], None
+        for _ in range(depth):
+            if info is None or info.target is None:
+                break
+            target = info.target
+            info = self._by_path.get(target)
+        return target
+
+    def value(self, target) -> Array:
+        if isinstance(target, int):
+            target = self.infos[target].path
+        return self.values[target]
+
+    def has_act(self, target: str) -> bool:
+        info = self._by_path.get(target)
+        return info is not None and info.act is not None
+
+    def output(self, index: int) -> Array:
+        info = self.infos[index]
+        site = self.values[info.path]
+        return site if info.act is None else info.act(site)
+
+    def mask(self, index: int, tangent: Array) -> Array:
+        info = self.infos[index]
+        if info.act is None:
+            return tangent
+        return jax.jvp(info.act, (self.values[info.path],), (tangent,))[1]
+
+    def push(self, index: int, tangent: Array):
+        """``(loss tangents, value tangents)`` with only site ``index`` perturbed."""
+        path = self.infos[index].path
+        return jax.jvp(self._only(path), (self.zeros[path],), (tangent,))[1]
+
+    def pull(self, index: int, target: str, cotangent: Array,
+             post_activation: bool = False) -> Array:
+        """A cotangent at ``target`` pulled back to site ``index`` (the rest of the graph fixed)."""
+        if post_activation:
+            cotangent = self.mask(self._by_path[target].index, cotangent)
+        path = self.infos[index].path
+        fn = lambda t: self._only(path)(t)[1][target]  # noqa: E731
+        return jax.linear_transpose(fn, self.zeros[path])(cotangent)[0]
+
+    def next_maps(self, index: int) -> tuple[Callable, Callable]:
+        target = self.target(index)
+        return (lambda v: self.push(index, v)[1][target],
+                lambda u: self.pull(index, target, u))
+
+    def next_jacobian(self, index: int) -> Array:
+        """Per-example ``J_b = d target_b / d s_{l,b}``: [B, m, n], by ``m`` pulls."""
+        target = self.target(index)
+        nxt, site = self.values[target], self.value(index)
+        batch, m = nxt.shape[0], nxt[0].size
+        basis = jnp.eye(m, dtype=nxt.dtype).reshape((m, 1) + nxt.shape[1:])
+        basis = jnp.broadcast_to(basis, (m,) + nxt.shape)
+        rows = jax.vmap(lambda u: self.pull(index, target, u))(basis)  # [m, B, ...]
+        return jnp.swapaxes(rows.reshape(m, batch, -1), 0, 1)
+
+    def loss_gradient(self, index: int) -> Array:
+        """The exact per-example gradient, at site ``index``, of the losses it feeds."""
+        if not self.needs_label:
+            raise ValueError("This rule did not declare needs_label: it may not read the loss.")
+        info = self.infos[index]
+        shapes = self.structure.losses
+
+        def fn(t):
+            tangents = self._only(info.path)(t)[0]
+            return {n: tangents[n] for n in info.feeds}
+
+        cotangent = {
+            n: jnp.full(shapes[n], 1.0 / sites_lib.copies_of(shapes[n]),
+                        self.values[info.path].dtype)
+            for n in info.feeds
+        }
+        return jax.linear_transpose(fn, self.zeros[info.path])(cotangent)[0]
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _only(self, path: str) -> Callable:
+        def fn(tangent):
+            return self.lin({**self.zeros, path: tangent})
+
+        return fn
+
+
+def linearize(model, variables: Params, args: tuple, batch, loss_fn, rngs,
+              structure: Structure, paths, needs_label: bool = False):
+    """Linearises the forward at zero perturbations of the sites ``paths``.
+
+    Returns ``(losses, outputs, ctx)``.
+    """
+    infos = {s.path: s for s in structure.sites}
+    zeros = {p: jnp.zeros(infos[p].shape, infos[p].dtype) for p in paths}
+
+    def forward(perturbations):
+        outputs, raw, taps = sites_lib.run(model, variables, args,
+                                           perturbations=perturbations, rngs=rngs)
+        losses = sites_lib.normalize_losses(loss_fn(outputs, batch))
+        return (losses, {**raw, **taps}), outputs
+
+    (losses, values), lin, outputs = jax.linearize(forward, zeros, has_aux=True)
+    ctx = GraphContext(structure, values, lin, zeros, needs_label)
+    return losses, outputs, ctx
+
+
+def site_gradients(ctx: GraphContext, guesses: Mapping[str, Array], mode: str) -> dict:
+    """``{site: g_l}``, ``g_{l,b} = d y_{l,b}``, from one set of guesses (joint or per-site)."""
+    shapes = ctx.structure.losses
+    out = {}
+    if mode == "joint":
+        tangents = ctx.lin(dict(guesses))[0]
+    for path, y in guesses.items():
+        info = ctx._by_path[path]
+        if mode != "joint":
+            tangents = ctx.push(info.index, y)[0]
+        out[path] = site_estimate(info, tangents, shapes, y)
+    return out
+
+
+def derivatives(ctx: GraphContext, tangents: Mapping[str, Array], mode: str):
+    """Per-example derivatives of the summed (copy-mean) losses along site tangents.
+
+    Joint: [B]; per-site: ``{site: [B]}``.
+    """
+    shapes = ctx.structure.losses
+
+    def reduce(loss_tangents, feeds):
+        total = 0.0
+        for name in feeds:
+            d = loss_tangents[name]
+            total = total + jnp.sum(d.reshape(d.shape[0], -1), -1) / sites_lib.copies_of(
+                shapes[name])
+        return total
+
+    if mode == "joint":
+        return reduce(ctx.lin(dict(tangents))[0], list(shapes))
+    return {p: reduce(ctx.push(ctx._by_path[p].index, t)[0], ctx._by_path[p].feeds)
+            for p, t in tangents.items()}
+
+
+class Trainable:
+    """The trainable part of a parameter tree, and how to put it back."""
+
+    def __init__(self, variables: Params, mask: tuple[bool, ...] | None):
+        self.variables = variables
+        self.leaves, self.treedef = jax.tree.flatten(variables)
+        self.mask = mask
+
+    @property
+    def part(self):
+        if self.mask is None:
+            return self.variables
+        return [x for x, m in zip(self.leaves, self.mask) if m]
+
+    def rebuild(self, part) -> Params:
+        if self.mask is None:
+            return part
+        part = iter(part)
+        return jax.tree.unflatten(
+            self.treedef, [next(part) if m else x for x, m in zip(self.leaves, self.mask)])
+
+    def full(self, grads_part) -> Params:
+        """Gradients of the trainable part -> gradients of every leaf (exact zeros when frozen)."""
+        if self.mask is None:
+            return grads_part
+        part = iter(grads_part)
+        return jax.tree.unflatten(
+            self.treedef,
+            [next(part) if m else jnp.zeros_like(x) for x, m in zip(self.leaves, self.mask)])
+
+
+def local_parameter_grads(model, trainable: Trainable, args: tuple, batch, loss_fn, rngs,
+                          structure: Structure, site_grads: Mapping[str, Array]) -> Params:
+    """Parameter estimates by one VJP of the cut forward.
+
+    Cotangent ``g_l / B`` at each guessed site's raw value and ``1 / (B n)`` at
+    each element of a loss (``n`` copies) that reaches a trainable parameter
+    without passing a site: site maps get their local VJPs, heads and
+    readouts their exact local gradients.
+    """
+    exact = structure.exact_losses
+    paths = [s.path for s in structure.active]
+
+    def cut_forward(part):
+        outputs, raw, _ = sites_lib.run(model, trainable.rebuild(part), args, cut=True,
+                                        rngs=rngs)
+        losses = sites_lib.normalize_losses(loss_fn(outputs, batch))
+        return {n: losses[n] for n in exact}, {p: raw[p] for p in paths}
+
+    (losses, _), vjp = jax.vjp(cut_forward, trainable.part)
+    loss_cotangents = {
+        n: jnp.full(v.shape, 1.0 / v.size, v.dtype) for n, v in losses.items()
+    }
+    site_cotangents = {p: g / g.shape[0] for p, g in site_grads.items()}
+    return trainable.full(vjp((loss_cotangents, site_cotangents))[0])

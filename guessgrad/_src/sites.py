@@ -1,0 +1,677 @@
+"""Sites: the values inside a Flax model whose per-example gradients are guessed.
+
+A *site* is marked inside any linen module, next to the layer it follows::
+
+    s = nn.Dense(256)(x)
+    x = guessgrad.site(self, "dense_0", s, act=nn.relu)  # act(s + perturbation)
+
+With guessgrad inactive (``model.init``, a plain ``model.apply``) a site is
+just ``act(value)``: the model computes exactly what it would without marks.
+While an estimator runs the model, a site records its raw value (Flax
+collection ``guessgrad_sites``) and adds a perturbation read from the
+collection ``guessgrad_perturbations``, whose tangent the estimator sets;
+both travel through Flax's lifted transforms (``nn.remat``) like any other
+variable. :func:`tap` records a value a site's guess may target (a local
+head's logits) without perturbing it.
+
+The structure (sites in forward order, each site's ``next`` target, the
+losses each site feeds, the site or loss that updates each parameter) is
+found once per input signature by tracing abstractly (:func:`analyse`):
+dependencies are read off the jaxpr of the forward-mode pass, so a
+``stop_gradient`` between blocks separates their losses with no annotation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.extend import core as jex_core
+
+from guessgrad._src.base import Array, Params
+
+SITES = "guessgrad_sites"
+TAPS = "guessgrad_taps"
+PERTURBATIONS = "guessgrad_perturbations"
+_OWN_COLLECTIONS = (SITES, TAPS, PERTURBATIONS)
+
+
+class _Next:
+    """Default of ``site(next=...)``: the first later site whose value depends on this one."""
+
+    def __repr__(self) -> str:
+        return "NEXT"
+
+
+NEXT = _Next()
+
+
+@dataclasses.dataclass
+class _Mark:
+    """What one :func:`site` call declares (static: recorded while tracing)."""
+
+    path: str
+    module_path: tuple[str, ...]
+    act: Callable[[Array], Array] | None
+    next: Any
+    feeds: tuple[str, ...] | None
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.active = False  # an estimator is running the model
+        self.cut = False  # stop_gradient before each perturbation (local VJPs)
+        self.recorder: dict[str, dict[str, _Mark]] | None = None
+
+
+_STATE = _State()
+
+
+@contextlib.contextmanager
+def _running(*, cut: bool = False, recorder=None):
+    saved = (_STATE.active, _STATE.cut, _STATE.recorder)
+    _STATE.active, _STATE.cut, _STATE.recorder = True, cut, recorder
+    try:
+        yield
+    finally:
+        _STATE.active, _STATE.cut, _STATE.recorder = saved
+
+
+def _path(module: nn.Module, name: str) -> tuple[tuple[str, ...], str]:
+    if not isinstance(module, nn.Module) or module.scope is None:
+        raise TypeError(
+            f"guessgrad.site/tap need the bound Flax module they are called in "
+            f"(pass `self` from inside a compact or setup-style method); got "
+            f"{type(module).__name__}."
+        )
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"A site or tap name must be a non-empty string without '/'; got {name!r}.")
+    module_path = tuple(module.scope.path)
+    return module_path, "/".join(module_path + (name,))
+
+
+# In guessgrad's collections a site's entry is "@name", so it never meets a
+# submodule's subtree of the same name.
+_PREFIX = "@"
+
+
+def _record(module: nn.Module, collection: str, name: str, value: Array) -> None:
+    """Appends ``value`` to the entry of ``name`` (a module called twice leaves two)."""
+    scope, key = module.scope, _PREFIX + name
+    previous = scope.get_variable(collection, key) if scope.has_variable(collection, key) else ()
+    scope.put_variable(collection, key, previous + (value,))
+
+
+def _mark(module, name, value, *, act, next, feeds, apply_act: bool):
+    if _STATE.active:
+        module_path, path = _path(module, name)
+        if _STATE.recorder is not None:
+            if isinstance(feeds, str):
+                feeds = (feeds,)
+            _STATE.recorder[SITES].setdefault(
+                path,
+                _Mark(path, module_path, act, next,
+                      None if feeds is None else tuple(feeds),
+                      tuple(jnp.shape(value)), jnp.result_type(value)),
+            )
+        _record(module, SITES, name, value)
+        if _STATE.cut:
+            value = jax.lax.stop_gradient(value)
+        if module.scope.has_variable(PERTURBATIONS, _PREFIX + name):
+            value = value + module.scope.get_variable(PERTURBATIONS, _PREFIX + name)
+    if act is not None and apply_act:
+        value = act(value)
+    return value
+
+
+def site(
+    module: nn.Module,
+    name: str,
+    value: Array,
+    *,
+    act: Callable[[Array], Array] | None = None,
+    next: Any = NEXT,  # noqa: A002 - the argument's name in the API
+    feeds: str | Sequence[str] | None = None,
+) -> Array:
+    """Marks ``value`` ([B, ...], per example) as a perturbation site; returns ``act(value + 0)``.
+
+    Args:
+      module: the module the site is marked in (``self``).
+      name: the site's name, unique within ``module``; its full name is the
+        module's path joined with it (``"block_0/mlp"``).
+      value: the site's value, the quantity whose per-example gradient is
+        guessed (usually a pre-activation).
+      act: the elementwise nonlinearity right after the site (ReLU masks and
+        mixing's post-activations come from it); None for none.
+      next: what the W^T-type guesses pull back from: the default is the
+        first later site whose value depends on this one (none: the site is
+        terminal and gets the rule's output guess); a site or tap name
+        (relative to this module, or a full path); None to make it terminal.
+      feeds: the losses whose derivatives this site's estimate uses; default:
+        every loss its value reaches (found from the graph).
+
+    With no estimator running (``model.init``, ``model.apply``) this is
+    exactly ``act(value)``.
+    """
+    return _mark(module, name, value, act=act, next=next, feeds=feeds, apply_act=True)
+
+
+def tap(module: nn.Module, name: str, value: Array) -> Array:
+    """Records ``value`` ([B, ...]) as a target a site's guess may pull back from; returns it unchanged."""
+    if _STATE.active:
+        _, path = _path(module, name)
+        if _STATE.recorder is not None:
+            _STATE.recorder[TAPS].setdefault(path, tuple(jnp.shape(value)))
+        _record(module, TAPS, name, value)
+    return value
+
+
+# --- models that cannot be edited: marks from outside --------------------------------
+
+
+class MarkedModel:
+    """A model whose submodule outputs are sites, marked from outside by method interception.
+
+    Made by :func:`mark_outputs`. It has the wrapped model's ``init`` and
+    ``apply`` and the same parameters; estimators take it as a model.
+    """
+
+    def __init__(self, model: nn.Module, sites: Mapping[str, Any]):
+        self.model = model
+        self.sites = dict(sites)
+
+    def init(self, *args, **kwargs):
+        return self.model.init(*args, **kwargs)
+
+    def apply(self, variables, *args, **kwargs):
+        seen = set()
+
+        def interceptor(next_fun, args_, kwargs_, context):
+            out = next_fun(*args_, **kwargs_)
+            if context.method_name != "__call__" or not _STATE.active:
+                return out
+            path = "/".join(context.module.scope.path)
+            if path not in self.sites or path in seen:
+                return out
+            seen.add(path)
+            act = self.sites[path]
+            return _mark(context.module, "out", out, act=act, next=NEXT, feeds=None,
+                         apply_act=False)
+
+        with nn.intercept_methods(interceptor):
+            result = self.model.apply(variables, *args, **kwargs)
+        if _STATE.active:
+            missing = sorted(set(self.sites) - seen)
+            if missing:
+                raise ValueError(
+                    f"mark_outputs: no submodule at {missing} was called. Module paths are "
+                    f"'/'-joined names as in params['params'] (e.g. 'Dense_0', 'block/Dense_1')."
+                )
+        return result
+
+    def __repr__(self) -> str:
+        return f"mark_outputs({type(self.model).__name__}, {sorted(self.sites)})"
+
+
+def mark_outputs(model: nn.Module, sites: Mapping[str, Callable | None]) -> MarkedModel:
+    """Marks the outputs of submodules of a model you cannot edit as sites.
+
+    ``sites`` maps a submodule's path (its key path in ``params['params']``,
+    '/'-joined: ``"Dense_0"``, ``"encoder/Dense_1"``) to the activation the
+    model applies right after that output (``nn.relu``), or None. The
+    activation is metadata for the guesses (masks, mixing): the model applies
+    it itself. Each output becomes the site ``"<path>/out"``. Example::
+
+        class Plain(nn.Module):  # from another project
+            @nn.compact
+            def __call__(self, x):
+                x = nn.relu(nn.Dense(64)(x))
+                return nn.Dense(10)(x)
+
+        model = guessgrad.mark_outputs(Plain(), {"Dense_0": nn.relu, "Dense_1": None})
+        estimate = guessgrad.get_estimator("wt", model)
+    """
+    if not hasattr(model, "apply"):
+        raise TypeError(f"mark_outputs needs a Flax linen module; got {type(model).__name__}.")
+    if not sites:
+        raise ValueError("mark_outputs needs at least one submodule path to mark.")
+    return MarkedModel(model, sites)
+
+
+# --- running a model with sites -----------------------------------------------------
+
+
+def _flat(tree) -> dict[str, Array]:
+    """A sown collection -> {path: value}; each value sown once (else an error)."""
+    out = {}
+    for key, values in traverse_util.flatten_dict(dict(tree)).items():
+        path = "/".join(key[:-1] + (key[-1][len(_PREFIX):],))
+        if len(values) != 1:
+            raise ValueError(
+                f"Site or tap {path!r} was marked {len(values)} times in one forward pass "
+                f"(a module called more than once?). Give each call its own name."
+            )
+        out[path] = values[0]
+    return out
+
+
+def split_variables(variables) -> Params:
+    """The user's variables without guessgrad's own collections."""
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f'params must be what model.init returns, {{"params": ...}}; got {got}.')
+    return {k: v for k, v in variables.items() if k not in _OWN_COLLECTIONS}
+
+
+def run(model, variables, args: tuple, *, perturbations=None, cut=False, rngs=None,
+        recorder=None):
+    """``model.apply`` with sites live: ``(outputs, {site: raw value}, {tap: value})``."""
+    variables = dict(variables)
+    if perturbations:
+        variables[PERTURBATIONS] = traverse_util.unflatten_dict({
+            tuple(p.split("/")[:-1]) + (_PREFIX + p.split("/")[-1],): v
+            for p, v in perturbations.items()
+        })
+    with _running(cut=cut, recorder=recorder):
+        outputs, state = model.apply(variables, *args, rngs=rngs, mutable=[SITES, TAPS])
+    return outputs, _flat(state.get(SITES, {})), _flat(state.get(TAPS, {}))
+
+
+# --- losses -------------------------------------------------------------------------
+
+
+def normalize_losses(losses, batch_size: int | None = None) -> dict[str, Array]:
+    """``loss_fn``'s result as ``{name: [B, *copies]}``; checks it is per example."""
+    if not isinstance(losses, Mapping):
+        losses = {"loss": losses}
+    out = {}
+    for name, value in losses.items():
+        if jnp.ndim(value) < 1 or (batch_size is not None and jnp.shape(value)[0] != batch_size):
+            raise ValueError(
+                f"loss_fn must return per-example losses [B] (or [B, *copies]), or a dict of "
+                f"them; loss {name!r} has shape {jnp.shape(value)} for a batch of {batch_size}."
+            )
+        out[str(name)] = value
+    return out
+
+
+def copies_of(shape: Sequence[int]) -> int:
+    """How many copies a loss of ``shape`` [B, *copies] holds per example."""
+    return math.prod(shape[1:])
+
+
+# --- the structure, found once by abstract tracing ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteInfo:
+    """One site as estimators see it.
+
+    Attributes:
+      path: full name, ``"block_0/mlp"``.
+      index: position in forward order (guess keys are folded with it).
+      shape, dtype: of the site's value, [B, ...].
+      act: the nonlinearity after the site, or None.
+      target: the site or tap its guess pulls back from, or None (terminal).
+      feeds: the losses whose derivatives its estimate uses.
+      layouts: per fed loss, how the loss's copy axes meet the site's axes:
+        ``"example"`` (no copies), ``"copies"`` (copy axes lead the site's
+        axes, one derivative per copy) or ``"summed"`` (copies summed).
+    """
+
+    path: str
+    index: int
+    shape: tuple[int, ...]
+    dtype: Any
+    act: Callable | None
+    target: str | None
+    feeds: tuple[str, ...]
+    layouts: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """What :func:`analyse` finds: sites, taps, losses and who updates each parameter."""
+
+    sites: tuple[SiteInfo, ...]
+    taps: dict[str, tuple[int, ...]]
+    losses: dict[str, tuple[int, ...]]
+    param_paths: tuple[str, ...]
+    param_shapes: tuple[tuple[int, ...], ...]
+    trainable: tuple[bool, ...]
+    owners: tuple[tuple[str, ...], ...]  # per parameter leaf: "site:<path>" / "loss:<name>"
+
+    @property
+    def active(self) -> tuple[SiteInfo, ...]:
+        """Sites that update a trainable parameter: the only ones guessed."""
+        used = set()
+        for own, train in zip(self.owners, self.trainable):
+            if train:
+                used.update(o[5:] for o in own if o.startswith("site:"))
+        return tuple(s for s in self.sites if s.path in used)
+
+    @property
+    def exact_losses(self) -> tuple[str, ...]:
+        """Losses whose exact local gradient reaches a trainable parameter."""
+        used = set()
+        for own, train in zip(self.owners, self.trainable):
+            if train:
+                used.update(o[5:] for o in own if o.startswith("loss:"))
+        return tuple(name for name in self.losses if name in used)
+
+    def site(self, path: str) -> SiteInfo:
+        return next(s for s in self.sites if s.path == path)
+
+    def table(self) -> str:
+        """The structure as two plain-text tables: sites, then parameters."""
+        active = {s.path for s in self.active}
+        rows = [("site", "shape", "act", "guess pulls from", "losses fed", "guessed")]
+        for s in self.sites:
+            fed = ", ".join(
+                name + ("" if layout == "example" else f" ({layout})")
+                for name, layout in zip(s.feeds, s.layouts)
+            )
+            rows.append((
+                s.path, _shape(s.shape), _act_name(s.act),
+                s.target or "(terminal: output guess)", fed,
+                "yes" if s.path in active else "no (nothing trainable)",
+            ))
+        prow = [("parameter", "shape", "trainable", "updated by")]
+        for path, shape, train, own in zip(self.param_paths, self.param_shapes,
+                                           self.trainable, self.owners):
+            how = []
+            for o in own:
+                kind, name = o.split(":", 1)
+                how.append(f"site {name} (guess, local VJP)" if kind == "site"
+                           else f"loss {name} (exact local gradient)")
+            prow.append((path, _shape(shape, batch=False), "yes" if train else "no (zero)",
+                         "; ".join(how) or "nothing (gradient zero)"))
+        lines = [f"{len(self.sites)} sites, {len(self.taps)} taps, losses: "
+                 + ", ".join(f"{k} {_shape(v)}" for k, v in self.losses.items())]
+        return "\n".join(lines + ["", _format(rows), "", _format(prow)])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shape(shape, batch=True) -> str:
+    dims = ["B"] + [str(d) for d in shape[1:]] if batch else [str(d) for d in shape]
+    return "[" + ", ".join(dims) + "]"
+
+
+def _act_name(act) -> str:
+    if act is None:
+        return "-"
+    return getattr(act, "__name__", type(act).__name__)
+
+
+def _format(rows) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, row in enumerate(rows):
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+# Dependencies: which inputs of a jaxpr each output depends on (bitsets).
+
+_SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def _sub_jaxpr(eqn):
+    for name in _SUB_JAXPR_PARAMS:
+        sub = eqn.params.get(name)
+        if sub is None:
+            continue
+        jaxpr = getattr(sub, "jaxpr", sub)
+        if isinstance(jaxpr, jex_core.Jaxpr) and len(jaxpr.invars) == len(eqn.invars) \
+                and len(jaxpr.outvars) == len(eqn.outvars):
+            return jaxpr
+    return None
+
+
+def _dependencies(jaxpr, in_bits: Sequence[int]) -> list[int]:
+    env: dict = {}
+
+    def read(atom) -> int:
+        return 0 if isinstance(atom, jex_core.Literal) else env.get(atom, 0)
+
+    for var, bits in zip(jaxpr.invars, in_bits):
+        env[var] = bits
+    for eqn in jaxpr.eqns:
+        ins = [read(a) for a in eqn.invars]
+        sub = _sub_jaxpr(eqn)
+        if sub is not None:
+            outs = _dependencies(sub, ins)
+        else:  # conservative: every output depends on every input
+            union = 0
+            for bits in ins:
+                union |= bits
+            outs = [union] * len(eqn.outvars)
+        for var, bits in zip(eqn.outvars, outs):
+            env[var] = bits
+    return [read(a) for a in jaxpr.outvars]
+
+
+def _tangent_dependencies(fn, fixed, point) -> list[int]:
+    """Bitsets: which leaves of ``point`` each leaf of ``fn(fixed, .)``'s JVP output depends on.
+
+    Everything is abstract (``jax.ShapeDtypeStruct``): this traces, it computes nothing.
+    """
+    leaves, treedef = jax.tree.flatten(point)
+
+    def jvp_out(fixed, point_leaves, tangent_leaves):
+        primal = jax.tree.unflatten(treedef, point_leaves)
+        tangent = jax.tree.unflatten(treedef, tangent_leaves)
+        return jax.tree.leaves(jax.jvp(lambda x: fn(fixed, x), (primal,), (tangent,))[1])
+
+    closed = jax.make_jaxpr(jvp_out)(fixed, leaves, leaves)
+    num_fixed = len(jax.tree.leaves(fixed)) + len(leaves)
+    bits = [0] * num_fixed + [1 << i for i in range(len(leaves))]
+    return _dependencies(closed.jaxpr, bits)
+
+
+def _bits(x: int) -> list[int]:
+    return [i for i in range(x.bit_length()) if (x >> i) & 1]
+
+
+def _layout(site_shape, loss_shape) -> str:
+    copies = tuple(loss_shape[1:])
+    if not copies:
+        return "example"
+    k = len(copies)
+    if len(site_shape) > k and tuple(site_shape[1:k]) == copies[:-1] \
+            and site_shape[k] % copies[-1] == 0:
+        return "copies"
+    return "summed"
+
+
+def _resolve(name, mark: _Mark, names: Sequence[str], kind: str):
+    candidates = ["/".join(mark.module_path + (name,)), name]
+    for candidate in candidates:
+        if candidate in names:
+            return candidate
+    raise ValueError(
+        f"Site {mark.path!r}: next={name!r} names no site or tap; {kind}: "
+        f"{', '.join(names) or 'none'}."
+    )
+
+
+def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> Structure:
+    """Traces the model abstractly (no FLOPs) and returns its :class:`Structure`."""
+    params = split_variables(variables)
+    recorder = {SITES: {}, TAPS: {}}
+
+    def forward(params, args, batch, perturbations, cut=False, record=None):
+        outputs, raw, taps = run(model, params, args, perturbations=perturbations, cut=cut,
+                                 rngs=rngs, recorder=record)
+        return normalize_losses(loss_fn(outputs, batch)), raw, taps
+
+    losses, raw, taps = jax.eval_shape(
+        lambda p, a, b: forward(p, a, b, None, record=recorder), params, args, batch)
+    marks = recorder[SITES]
+    if not marks:
+        raise ValueError(
+            f"{type(model).__name__} marks no sites. Mark the values to guess inside the "
+            f"model with guessgrad.site(self, name, value, act=...), or from outside with "
+            f"guessgrad.mark_outputs(model, {{submodule path: activation}})."
+        )
+    lost = [p for p in marks if p not in raw]
+    if lost:
+        raise ValueError(
+            f"Sites {lost} were marked but their values did not come out of the model: they "
+            f"sit inside a Flax transform that drops guessgrad's collections (nn.scan does: "
+            f"a scanned site would be one stacked [layers, B, ...] value). Unroll those "
+            f"layers with a Python loop (nn.remat per layer keeps the memory saving)."
+        )
+    paths = list(marks)  # forward order
+    batch_size = marks[paths[0]].shape[0] if marks[paths[0]].shape else None
+    losses = normalize_losses(losses, batch_size)
+    for p in paths:
+        if not marks[p].shape or marks[p].shape[0] != batch_size:
+            raise ValueError(
+                f"Site {p!r} has shape {marks[p].shape}; every site must be per example, "
+                f"[B, ...] with B = {batch_size}."
+            )
+    loss_names = list(losses)
+
+    # Which losses, sites and taps each site's perturbation reaches.
+    zeros = {p: jax.ShapeDtypeStruct(marks[p].shape, marks[p].dtype) for p in paths}
+    out_bits = _tangent_dependencies(lambda f, d: forward(*f, d), (params, args, batch), zeros)
+    out_names = [f"loss:{n}" for n in sorted(losses)] + [f"site:{n}" for n in sorted(raw)] \
+        + [f"tap:{n}" for n in sorted(taps)]
+    reached = {name: set(_bits(b)) for name, b in zip(out_names, out_bits)}
+
+    infos = []
+    for index, path in enumerate(paths):
+        mark = marks[path]
+        fed = [n for n in loss_names if index in reached[f"loss:{n}"]]
+        if mark.feeds is not None:
+            unknown = [n for n in mark.feeds if n not in loss_names]
+            unreached = [n for n in mark.feeds if n in loss_names and n not in fed]
+            if unknown or unreached:
+                raise ValueError(
+                    f"Site {path!r}: feeds={list(mark.feeds)} names losses "
+                    f"{unknown + unreached} it {'does not reach' if unreached else 'unknown'}; "
+                    f"the losses are {loss_names}, and this site reaches {fed}."
+                )
+            fed = list(mark.feeds)
+        if not fed:
+            raise ValueError(
+                f"Site {path!r} reaches no loss (losses: {loss_names}); a stop_gradient after "
+                f"it, or an unused value? Remove the mark or connect it."
+            )
+        target = _target(mark, index, paths, list(taps), reached)
+        layouts = tuple(_layout(mark.shape, losses[n].shape) for n in fed)
+        infos.append(SiteInfo(path, index, mark.shape, mark.dtype, mark.act, target,
+                              tuple(fed), layouts))
+
+    # Who updates each parameter: dependencies of the cut forward on the parameters.
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+    param_paths = tuple("/".join(_key_name(k) for k in kp) for kp, _ in leaves_with_path)
+    param_bits = _tangent_dependencies(
+        lambda f, p: forward(p, *f, None, cut=True)[:2], (args, batch), params)
+    cut_names = [f"loss:{n}" for n in sorted(losses)] + [f"site:{n}" for n in sorted(raw)]
+    owners = [[] for _ in param_paths]
+    for name, bits in zip(cut_names, param_bits):
+        for leaf in _bits(bits):
+            owners[leaf].append(name)
+    order = {f"site:{p}": i for i, p in enumerate(paths)}
+    order.update({f"loss:{n}": len(paths) + i for i, n in enumerate(loss_names)})
+    owners = tuple(tuple(sorted(o, key=order.__getitem__)) for o in owners)
+    trainable = tuple(bool(t) for t in trainable_leaves) if trainable_leaves is not None \
+        else (True,) * len(param_paths)
+    return Structure(
+        sites=tuple(infos),
+        taps={p: tuple(s.shape) for p, s in taps.items()},
+        losses={n: tuple(losses[n].shape) for n in loss_names},
+        param_paths=param_paths,
+        param_shapes=tuple(tuple(jnp.shape(x)) for _, x in leaves_with_path),
+        trainable=trainable,
+        owners=owners,
+    )
+
+
+def _target(mark: _Mark, index: int, paths, tap_paths, reached) -> str | None:
+    if mark.next is None:
+        return None
+    if isinstance(mark.next, _Next):
+        for later in paths[index + 1:]:
+            if index in reached[f"site:{later}"]:
+                return later
+        return None
+    if not isinstance(mark.next, str):
+        raise ValueError(f"Site {mark.path!r}: next must be a site or tap name, None or "
+                         f"left out; got {mark.next!r}.")
+    target = _resolve(mark.next, mark, list(paths) + list(tap_paths), "sites and taps")
+    kind = "tap" if target in tap_paths else "site"
+    if target == mark.path or index not in reached[f"{kind}:{target}"]:
+        raise ValueError(
+            f"Site {mark.path!r}: its next target {target!r} does not depend on it (a "
+            f"stop_gradient in between, or it comes earlier), so a guess pulled back from "
+            f"it would be zero. Name a later site or tap it reaches, or next=None."
+        )
+    return target
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def check_collections(params: Params) -> None:
+    """Rejects variable collections other than ``params`` (BatchNorm's ``batch_stats``...)."""
+    extra = sorted(k for k in params if k != "params")
+    if extra:
+        raise ValueError(
+            f"The model's variables hold the collection(s) {extra} besides 'params'. "
+            f"Estimators differentiate per example with the model's state fixed, and a "
+            f"mutable collection such as BatchNorm's 'batch_stats' is updated from statistics "
+            f"that mix the examples of a batch, which per-example forward-mode derivatives "
+            f"cannot account for. Use a per-example normalisation (nn.LayerNorm, "
+            f"nn.GroupNorm, nn.RMSNorm), or BatchNorm(use_running_average=True) with its "
+            f"statistics passed as constants outside the estimator."
+        )
+
+
+def as_args(value) -> tuple:
+    """``inputs(batch)`` -> the model's positional call arguments."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def leaf_mask(trainable, params) -> tuple[bool, ...] | None:
+    """``trainable`` (None, a pytree of bools, or params -> pytree) as one bool per leaf."""
+    if trainable is None:
+        return None
+    mask = trainable(params) if callable(trainable) else trainable
+    try:
+        flags = jax.tree.leaves(jax.tree.map(lambda _, m: m, params, mask))
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"trainable must be a pytree of bools with the structure of params (or a callable "
+            f"returning one, as optax.masked takes); its structure "
+            f"{jax.tree.structure(mask)} does not match params' {jax.tree.structure(params)}."
+        ) from err
+    out = []
+    for flag in flags:
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"trainable's leaves must be Python bools; got {flag!r}.")
+        out.append(bool(flag))
+    if not any(out):
+        raise ValueError("trainable marks no parameter as trainable.")
+    return tuple(out)
