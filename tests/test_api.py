@@ -137,11 +137,19 @@ def test_bad_batches_say_what_was_expected(small_mlp, batch, message):
             gg.get_estimator(name, model)(params, batch, jax.random.key(0))
 
 
-def test_models_other_than_chains_are_rejected():
+def test_models_without_sites_are_rejected_with_a_hint_but_backprop_runs():
     import flax.linen as nn
 
-    with pytest.raises(TypeError, match="guessgrad.models.Chain"):
-        gg.get_estimator("wt", nn.Dense(3))
+    with pytest.raises(TypeError, match="Flax linen module"):
+        gg.get_estimator("wt", object())
+    model = nn.Dense(3)
+    batch = {"image": jnp.ones((2, 4)), "label": jnp.zeros(2, jnp.int32)}
+    params = model.init(jax.random.key(0), batch["image"])
+    with pytest.raises(ValueError, match=r"marks no sites.*guessgrad.site.*mark_outputs"):
+        gg.get_estimator("wt", model)(params, batch, jax.random.key(0))
+    # Backprop and directional need no sites: they work on any model.
+    grads = gg.get_estimator("backprop", model)(params, batch, None)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
 
 
 def test_stable_adamw_is_adamw_until_the_update_rms_exceeds_one():

@@ -209,6 +209,11 @@ def wperp_hidden(rank: int) -> HiddenRule:
 
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
         site = ctx.value(index)
+        if site.dtype not in (jnp.float32, jnp.float64):
+            raise ValueError(
+                f"Exact wperp needs float32 or float64 (a per-example SVD); site {index} is "
+                f"{site.dtype}. Use wperp_ns, which needs only matrix products."
+            )
         jac = ctx.next_jacobian(index)  # [B, m, n]
         _, singular_values, vh = jnp.linalg.svd(jac, full_matrices=False)
         k = min(rank, vh.shape[1])

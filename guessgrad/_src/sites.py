@@ -109,6 +109,13 @@ _PREFIX = "@"
 def _record(module: nn.Module, collection: str, name: str, value: Array) -> None:
     """Appends ``value`` to the entry of ``name`` (a module called twice leaves two)."""
     scope, key = module.scope, _PREFIX + name
+    if not scope.is_mutable_collection(collection):
+        raise ValueError(
+            f"Site or tap {'/'.join(tuple(scope.path) + (name,))!r} sits inside a Flax "
+            f"transform that does not pass guessgrad's collections through (nn.scan does: a "
+            f"scanned site would be one stacked [layers, B, ...] value). Unroll those layers "
+            f"with a Python loop (nn.remat per layer keeps the memory saving)."
+        )
     previous = scope.get_variable(collection, key) if scope.has_variable(collection, key) else ()
     scope.put_variable(collection, key, previous + (value,))
 
@@ -359,7 +366,7 @@ class Structure:
         for own, train in zip(self.owners, self.trainable):
             if train:
                 used.update(o[5:] for o in own if o.startswith("site:"))
-        return tuple(s for s in self.sites if s.path in used)
+        return tuple(s for s in self.sites if s.path in used and s.feeds)
 
     @property
     def exact_losses(self) -> tuple[str, ...]:
@@ -381,11 +388,12 @@ class Structure:
             fed = ", ".join(
                 name + ("" if layout == "example" else f" ({layout})")
                 for name, layout in zip(s.feeds, s.layouts)
-            )
+            ) or "none"
             rows.append((
                 s.path, _shape(s.shape), _act_name(s.act),
                 s.target or "(terminal: output guess)", fed,
-                "yes" if s.path in active else "no (nothing trainable)",
+                "yes" if s.path in active
+                else ("no (reaches no loss)" if not s.feeds else "no (nothing trainable)"),
             ))
         prow = [("parameter", "shape", "trainable", "updated by")]
         for path, shape, train, own in zip(self.param_paths, self.param_shapes,
@@ -569,11 +577,6 @@ def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> S
                     f"the losses are {loss_names}, and this site reaches {fed}."
                 )
             fed = list(mark.feeds)
-        if not fed:
-            raise ValueError(
-                f"Site {path!r} reaches no loss (losses: {loss_names}); a stop_gradient after "
-                f"it, or an unused value? Remove the mark or connect it."
-            )
         target = _target(mark, index, paths, list(taps), reached)
         layouts = tuple(_layout(mark.shape, losses[n].shape) for n in fed)
         infos.append(SiteInfo(path, index, mark.shape, mark.dtype, mark.act, target,
