@@ -21,6 +21,7 @@ their exact local gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import jax
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 from guessgrad._src import sites as sites_lib
 from guessgrad._src.base import Array, Params
+from guessgrad._src.sharding import explicit_spec, like
 from guessgrad._src.sites import SiteInfo, Structure
 
 
@@ -79,9 +81,10 @@ class GraphContext:
     """
 
     def __init__(self, structure: Structure, values: Mapping[str, Array], lin: Callable,
-                 zeros: Mapping[str, Array], needs_label: bool):
+                 zeros: Mapping[str, Array], needs_label: bool, losses=None):
         self.structure = structure
         self.values = values
+        self.losses = losses
         self.lin = lin
         self.zeros = dict(zeros)
         self.needs_label = needs_label
@@ -145,11 +148,17 @@ class GraphContext:
     def next_jacobian(self, index: int) -> Array:
         """Per-example ``J_b = d target_b / d s_{l,b}``: [B, m, n], by ``m`` pulls."""
         target = self.target(index)
-        nxt, site = self.values[target], self.value(index)
-        batch, m = nxt.shape[0], nxt[0].size
-        basis = jnp.eye(m, dtype=nxt.dtype).reshape((m, 1) + nxt.shape[1:])
-        basis = jnp.broadcast_to(basis, (m,) + nxt.shape)
-        rows = jax.vmap(lambda u: self.pull(index, target, u))(basis)  # [m, B, ...]
+        nxt = self.values[target]
+        batch, m = nxt.shape[0], math.prod(nxt.shape[1:])
+
+        def row(i):  # J_b^T e_i for every example b
+            unit = jax.nn.one_hot(i, m, dtype=nxt.dtype).reshape(nxt.shape[1:])
+            return self.pull(index, target, like(jnp.broadcast_to(unit, nxt.shape), nxt))
+
+        # [m, B, ...]. On an Explicit mesh, batching rules that fold the row axis
+        # into a batch-sharded one (convolutions) are not defined: one row at a time.
+        rows = (jax.vmap(row) if explicit_spec(nxt) is None else
+                lambda i: jax.lax.map(row, i))(jnp.arange(m))
         return jnp.swapaxes(rows.reshape(m, batch, -1), 0, 1)
 
     def loss_gradient(self, index: int) -> Array:
@@ -164,8 +173,8 @@ class GraphContext:
             return {n: tangents[n] for n in info.feeds}
 
         cotangent = {
-            n: jnp.full(shapes[n], 1.0 / sites_lib.copies_of(shapes[n]),
-                        self.values[info.path].dtype)
+            n: like(jnp.full(shapes[n], 1.0 / sites_lib.copies_of(shapes[n]),
+                             self.losses[n].dtype), self.losses[n])
             for n in info.feeds
         }
         return jax.linear_transpose(fn, self.zeros[info.path])(cotangent)[0]
@@ -186,7 +195,8 @@ def linearize(model, variables: Params, args: tuple, batch, loss_fn, rngs,
     Returns ``(losses, outputs, ctx)``.
     """
     infos = {s.path: s for s in structure.sites}
-    zeros = {p: jnp.zeros(infos[p].shape, infos[p].dtype) for p in paths}
+    zeros = {p: jnp.zeros(infos[p].shape, infos[p].dtype, out_sharding=infos[p].sharding)
+             for p in paths}
 
     def forward(perturbations):
         outputs, raw, taps = sites_lib.run(model, variables, args,
@@ -195,7 +205,7 @@ def linearize(model, variables: Params, args: tuple, batch, loss_fn, rngs,
         return (losses, {**raw, **taps}), outputs
 
     (losses, values), lin, outputs = jax.linearize(forward, zeros, has_aux=True)
-    ctx = GraphContext(structure, values, lin, zeros, needs_label)
+    ctx = GraphContext(structure, values, lin, zeros, needs_label, losses)
     return losses, outputs, ctx
 
 
@@ -285,7 +295,7 @@ def local_parameter_grads(model, trainable: Trainable, args: tuple, batch, loss_
 
     (losses, _), vjp = jax.vjp(cut_forward, trainable.part)
     loss_cotangents = {
-        n: jnp.full(v.shape, 1.0 / v.size, v.dtype) for n, v in losses.items()
+        n: like(jnp.full(v.shape, 1.0 / v.size, v.dtype), v) for n, v in losses.items()
     }
     site_cotangents = {p: g / g.shape[0] for p, g in site_grads.items()}
     return trainable.full(vjp((loss_cotangents, site_cotangents))[0])

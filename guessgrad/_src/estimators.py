@@ -20,6 +20,7 @@ from guessgrad._src import guesses as rules
 from guessgrad._src import sites as sites_lib
 from guessgrad._src.base import Array, Batch, EstimateFn, Estimator, Params, PRNGKey
 from guessgrad._src.models import Chain, chain_fns
+from guessgrad._src.sharding import explicit_spec
 
 DEFAULT_MODE = "per_layer"
 
@@ -163,8 +164,12 @@ class Problem:
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-                        if not _is_key(x) else x, tree)
+    def one(x):
+        if _is_key(x):
+            return x
+        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
+                                    sharding=explicit_spec(x))
+    return jax.tree.map(one, tree)
 
 
 def _is_key(x) -> bool:
@@ -178,7 +183,8 @@ def _abstract_rngs(rngs):
 
 def _signature(tree):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves)
+    return treedef, tuple(
+        (jnp.shape(x), str(jnp.result_type(x)), str(explicit_spec(x))) for x in leaves)
 
 
 def activation_space(

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from guessgrad._src.base import Array, Params, PRNGKey
+from guessgrad._src.sharding import explicit_spec, like, like_batch
 from guessgrad._src.models import ChainFns
 
 
@@ -143,10 +144,14 @@ def make_guesses(rule: GuessRule, ctx: GuessContext, key: PRNGKey) -> tuple[Arra
 # --- the rules ----------------------------------------------------------------
 
 
+def normal_like(key: PRNGKey, ref: Array) -> Array:
+    """N(0, I) noise with ``ref``'s shape, dtype (and sharding, on an Explicit mesh)."""
+    return like(jax.random.normal(key, ref.shape, ref.dtype), ref)
+
+
 def gaussian_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
     """Activity perturbation: eps ~ N(0, I) at the site."""
-    site = ctx.value(index)
-    return jax.random.normal(key, site.shape, site.dtype)
+    return normal_like(key, ctx.value(index))
 
 
 gaussian_last = gaussian_hidden  # eps ~ N(0, I) at a terminal site (the logits)
@@ -161,9 +166,7 @@ def true_error_last(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
 def wt_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
     """``D_l W_{l+1}^T eps`` with eps ~ N(0, I) at the next site: the VJP of the map to it."""
     target = ctx.target(index)
-    nxt = ctx.value(target)
-    eps = jax.random.normal(key, nxt.shape, nxt.dtype)
-    return ctx.pull(index, target, eps)
+    return ctx.pull(index, target, normal_like(key, ctx.value(target)))
 
 
 def downstream_hidden(depth: int, noise: str = "normal") -> HiddenRule:
@@ -175,11 +178,11 @@ def downstream_hidden(depth: int, noise: str = "normal") -> HiddenRule:
 
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
         target = ctx.target(index, depth)
-        shape, dtype = ctx.value(target).shape, ctx.value(target).dtype
+        ref = ctx.value(target)
         if noise == "uniform":
-            eps = jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+            eps = like(jax.random.uniform(key, ref.shape, ref.dtype, -1.0, 1.0), ref)
         else:
-            eps = jax.random.normal(key, shape, dtype)
+            eps = normal_like(key, ref)
         return ctx.pull(index, target, eps, post_activation=ctx.has_act(target))
 
     return rule
@@ -190,7 +193,8 @@ def mixing_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
     outputs = ctx.output(index)  # [B, ...]
     batch = outputs.shape[0]
     alpha = jax.random.normal(key, (batch, batch), outputs.dtype)
-    mixed = jnp.tensordot(alpha, outputs, axes=1)
+    # On an Explicit mesh the batch axis is sharded: say the result is sharded like it.
+    mixed = jnp.einsum("bj,j...->b...", alpha, outputs, out_sharding=explicit_spec(outputs))
     return ctx.mask(index, mixed)
 
 
@@ -218,7 +222,7 @@ def wperp_hidden(rank: int) -> HiddenRule:
         _, singular_values, vh = jnp.linalg.svd(jac, full_matrices=False)
         k = min(rank, vh.shape[1])
         keep = singular_values[:, :k] > _singular_tolerance(singular_values)
-        z = jax.random.normal(key, (site.shape[0], k), site.dtype) * keep
+        z = like_batch(jax.random.normal(key, (site.shape[0], k), site.dtype), site) * keep
         return jnp.einsum("bk,bkn->bn", z, vh[:, :k]).reshape(site.shape)
 
     return rule
@@ -305,8 +309,8 @@ def _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps):
     pull_block = jax.vmap(pull, in_axes=1, out_axes=1)  # [B,p,m] -> [B,p,n]
     push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n] -> [B,p,m]
     omega_key, z_key = jax.random.split(key)
-    omega = jax.random.normal(
-        omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype
+    omega = like_batch(
+        jax.random.normal(omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype), nxt
     )
 
     def orthonormalise(block):
@@ -316,7 +320,7 @@ def _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps):
     block = orthonormalise(pull_block(omega))
     for _ in range(power_iters):
         block = orthonormalise(pull_block(push_block(block)))
-    z = jax.random.normal(z_key, (site.shape[0], rank), site.dtype)
+    z = like_batch(jax.random.normal(z_key, (site.shape[0], rank), site.dtype), site)
     return jnp.einsum("bk,bk...->b...", z, block)
 
 
@@ -364,7 +368,7 @@ def wperp_ns_hidden(
             return _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps)
         nxt = ctx.value(ctx.target(index))
         push, pull = ctx.next_maps(index)
-        start = pull(jax.random.normal(key, nxt.shape, nxt.dtype))
+        start = pull(normal_like(key, nxt))
         return chebyshev_filter(lambda v: pull(push(v)), start, power_iters, cutoff)
 
     return rule

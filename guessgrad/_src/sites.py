@@ -38,6 +38,7 @@ from flax import traverse_util
 from jax.extend import core as jex_core
 
 from guessgrad._src.base import Array, Params
+from guessgrad._src.sharding import explicit_spec
 
 SITES = "guessgrad_sites"
 TAPS = "guessgrad_taps"
@@ -66,6 +67,7 @@ class _Mark:
     feeds: tuple[str, ...] | None
     shape: tuple[int, ...]
     dtype: Any
+    sharding: Any = None  # PartitionSpec on a mesh with Explicit axes, else None
 
 
 class _State(threading.local):
@@ -130,7 +132,7 @@ def _mark(module, name, value, *, act, next, feeds, apply_act: bool):
                 path,
                 _Mark(path, module_path, act, next,
                       None if feeds is None else tuple(feeds),
-                      tuple(jnp.shape(value)), jnp.result_type(value)),
+                      tuple(jnp.shape(value)), jnp.result_type(value), explicit_spec(value)),
             )
         _record(module, SITES, name, value)
         if _STATE.cut:
@@ -345,6 +347,7 @@ class SiteInfo:
     target: str | None
     feeds: tuple[str, ...]
     layouts: tuple[str, ...]
+    sharding: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,6 +495,10 @@ def _tangent_dependencies(fn, fixed, point) -> list[int]:
     return _dependencies(closed.jaxpr, bits)
 
 
+def _struct(shape, dtype, spec):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+
+
 def _bits(x: int) -> list[int]:
     return [i for i in range(x.bit_length()) if (x >> i) & 1]
 
@@ -557,7 +564,7 @@ def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> S
     loss_names = list(losses)
 
     # Which losses, sites and taps each site's perturbation reaches.
-    zeros = {p: jax.ShapeDtypeStruct(marks[p].shape, marks[p].dtype) for p in paths}
+    zeros = {p: _struct(marks[p].shape, marks[p].dtype, marks[p].sharding) for p in paths}
     out_bits = _tangent_dependencies(lambda f, d: forward(*f, d), (params, args, batch), zeros)
     out_names = [f"loss:{n}" for n in sorted(losses)] + [f"site:{n}" for n in sorted(raw)] \
         + [f"tap:{n}" for n in sorted(taps)]
@@ -580,7 +587,7 @@ def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> S
         target = _target(mark, index, paths, list(taps), reached)
         layouts = tuple(_layout(mark.shape, losses[n].shape) for n in fed)
         infos.append(SiteInfo(path, index, mark.shape, mark.dtype, mark.act, target,
-                              tuple(fed), layouts))
+                              tuple(fed), layouts, mark.sharding))
 
     # Who updates each parameter: dependencies of the cut forward on the parameters.
     leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
