@@ -174,6 +174,9 @@ def test_patch_copies_are_recognised_and_prompt_sites_are_the_only_guessed_ones(
     assert trainable == ["params/prompts"]
     # The prompts reach every site through the residual stream, and only through sites.
     assert {s.path for s in found.active} == {"q", "k", "v", "mlp", "logits"}
+    # Forward order is not alphabetical here; q, k and v each first reach the MLP.
+    assert [(s.path, s.target) for s in found.sites] == [
+        ("q", "mlp"), ("k", "mlp"), ("v", "mlp"), ("mlp", "logits"), ("logits", None)]
     assert found.exact_losses == ()
 
 
@@ -447,7 +450,7 @@ from zoo import ZOO
 mesh = jax.make_mesh((2,), ("data",))
 out = {"axis_types": str(mesh.axis_types)}
 cases = [("two_block_local", m) for m in gg.ESTIMATORS] + [
-    ("cnn", m) for m in ("wt", "mixing", "wperp")]
+    ("cnn", m) for m in ("wt", "mixing")]
 for name, method in cases:
     model, params, batch, problem = ZOO[name]()
     batch = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
@@ -482,3 +485,21 @@ def test_every_estimator_works_with_the_batch_sharded_on_an_explicit_mesh():
     assert "Explicit" in out.pop("axis_types")
     # Float32 reduction order differs across devices; the estimates are O(1).
     assert max(out.values()) < 1e-5, out
+
+
+def test_readme_your_own_model_examples_run(capsys):
+    """The README's examples, run as written (with a few steps instead of hundreds)."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme.split("## Your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    runnable = [b for b in blocks if "import guessgrad as gg" in b or "mark_outputs(" in b]
+    assert len(runnable) == 4
+    namespace = {}
+    for block in runnable:
+        exec(re.sub(r"range\(\d+\)", "range(3)", block), namespace)
+    printed = capsys.readouterr().out
+    assert "(terminal: output guess)" in printed and "exact local gradient" in printed
+    assert "the backbone did not move: True" in printed

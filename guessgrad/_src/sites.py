@@ -568,7 +568,11 @@ def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> S
     out_bits = _tangent_dependencies(lambda f, d: forward(*f, d), (params, args, batch), zeros)
     out_names = [f"loss:{n}" for n in sorted(losses)] + [f"site:{n}" for n in sorted(raw)] \
         + [f"tap:{n}" for n in sorted(taps)]
-    reached = {name: set(_bits(b)) for name, b in zip(out_names, out_bits)}
+    # Bit i is the i-th leaf of `zeros` as JAX flattens it (keys sorted): map to forward order.
+    leaf_paths = ["/".join(_key_name(k) for k in kp)
+                  for kp, _ in jax.tree_util.tree_flatten_with_path(zeros)[0]]
+    forward_index = [paths.index(p) for p in leaf_paths]
+    reached = {name: {forward_index[i] for i in _bits(b)} for name, b in zip(out_names, out_bits)}
 
     infos = []
     for index, path in enumerate(paths):
