@@ -35,6 +35,7 @@ import optax
 from absl import app, flags
 
 import guessgrad as gg
+from benchmarks.common import compiled_bytes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -130,17 +131,6 @@ def floor_macs(
     if mode == "lean":  # pass 2 recomputes the forward pass and the guesses
         return 3 * total + tangent + 2 * guess
     return 2 * total + tangent + guess
-
-
-def compiled_bytes(compiled) -> int:
-    """Temporaries + arguments + outputs - aliased: what the computation holds at once, at most."""
-    m = compiled.memory_analysis()
-    return (
-        m.temp_size_in_bytes
-        + m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-    )
 
 
 def variants(methods, modes):

@@ -16,6 +16,13 @@ import pytest
 import guessgrad as gg
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: long-running (Monte-Carlo, every estimator on every model, "
+        "subprocesses); skip with -m 'not slow' for a fast edit-test loop"
+    )
+
+
 class NormedTanhChain(gg.models.Chain):
     """A user-written chain: dense + layer norm inside each hidden site map, tanh between."""
 

@@ -198,6 +198,7 @@ def test_a_next_target_that_does_not_depend_on_its_site_is_an_error():
 # --- expectations ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("method", ["activation_perturbation", "directional"])
 def test_unbiased_methods_average_to_jax_grad(name, method):
@@ -245,6 +246,7 @@ def test_wt_matches_its_closed_form_expectation_on_the_residual_model():
 OPTIONS = {"wperp": {"rank": 2}, "wperp_ns": {"power_iters": 2}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_every_estimator_runs_jitted_in_float32_and_frozen_leaves_are_zero(name):
     model, params, batch, problem = setup(name)
@@ -261,6 +263,7 @@ def test_every_estimator_runs_jitted_in_float32_and_frozen_leaves_are_zero(name)
                 assert np.all(np.asarray(g) == 0), method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["residual", "prompts_only", "two_block_local"])
 def test_every_estimator_runs_jitted_in_bfloat16(name):
     model, params, batch, problem = setup(name, jnp.bfloat16)
@@ -464,10 +467,31 @@ for name, method in cases:
     out[f"{name}/{method}"] = max(
         float(jnp.max(jnp.abs(a - b))) for a, b in
         zip(jax.tree.leaves(single), jax.tree.leaves(got)))
+
+# Inside shard_map, as the README says: fold the device index into the key, pmean.
+model, params, batch, problem = ZOO["two_block_local"]()
+estimate = gg.get_estimator("wt", model, **problem)
+
+
+def local(params, batch, key):
+    key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+    return jax.lax.pmean(estimate(params, batch, key), "data")
+
+
+mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P()),
+                               out_specs=P()))
+key = jax.random.key(1)
+got = mapped(params, batch, key)
+halves = [{k: v[i * 2:(i + 1) * 2] for k, v in batch.items()} for i in range(2)]
+parts = [estimate(params, h, jax.random.fold_in(key, i)) for i, h in enumerate(halves)]
+expected = jax.tree.map(lambda a, b: (a + b) / 2, *parts)
+out["shard_map/wt"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                          zip(jax.tree.leaves(got), jax.tree.leaves(expected)))
 print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_every_estimator_works_with_the_batch_sharded_on_an_explicit_mesh():
     import json
     import os
@@ -487,6 +511,7 @@ def test_every_estimator_works_with_the_batch_sharded_on_an_explicit_mesh():
     assert max(out.values()) < 1e-5, out
 
 
+@pytest.mark.slow
 def test_readme_your_own_model_examples_run(capsys):
     """The README's examples, run as written (with a few steps instead of hundreds)."""
     import os
