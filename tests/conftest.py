@@ -18,8 +18,9 @@ import guessgrad as gg
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "slow: long-running (Monte-Carlo, every estimator on every model, "
-        "subprocesses); skip with -m 'not slow' for a fast edit-test loop"
+        "markers",
+        "slow: long-running (Monte-Carlo, every estimator on every model, "
+        "subprocesses); skip with -m 'not slow' for a fast edit-test loop",
     )
 
 

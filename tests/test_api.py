@@ -145,7 +145,9 @@ def test_models_without_sites_are_rejected_with_a_hint_but_backprop_runs():
     model = nn.Dense(3)
     batch = {"image": jnp.ones((2, 4)), "label": jnp.zeros(2, jnp.int32)}
     params = model.init(jax.random.key(0), batch["image"])
-    with pytest.raises(ValueError, match=r"marks no sites.*guessgrad.site.*mark_outputs"):
+    with pytest.raises(
+        ValueError, match=r"marks no sites.*guessgrad.site.*mark_outputs"
+    ):
         gg.get_estimator("wt", model)(params, batch, jax.random.key(0))
     # Backprop and directional need no sites: they work on any model.
     grads = gg.get_estimator("backprop", model)(params, batch, None)

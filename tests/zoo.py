@@ -60,15 +60,23 @@ class PromptAttention(nn.Module):
     def __call__(self, x):  # [B, T, F]
         batch = x.shape[0]
         tokens = nn.Dense(self.dim, name="embed")(x)
-        prompts = self.param("prompts", nn.initializers.normal(0.5), (self.num_prompts, self.dim))
+        prompts = self.param(
+            "prompts", nn.initializers.normal(0.5), (self.num_prompts, self.dim)
+        )
         prompts = jnp.broadcast_to(prompts, (batch,) + prompts.shape)
         tokens = jnp.concatenate([prompts, tokens], axis=1)
         y = nn.LayerNorm()(tokens)
-        q, k, v = (gg.site(self, n, nn.Dense(self.dim, name=f"{n}_proj")(y)) for n in "qkv")
-        split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1))  # noqa: E731
-        scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(self.dim / self.heads)
+        q, k, v = (
+            gg.site(self, n, nn.Dense(self.dim, name=f"{n}_proj")(y)) for n in "qkv"
+        )
+        split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(
+            self.dim / self.heads
+        )
         attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores), split(v))
-        tokens = tokens + nn.Dense(self.dim, name="out_proj")(attended.reshape(tokens.shape))
+        tokens = tokens + nn.Dense(self.dim, name="out_proj")(
+            attended.reshape(tokens.shape)
+        )
         y = nn.LayerNorm()(tokens)
         h = gg.site(self, "mlp", nn.Dense(2 * self.dim)(y), act=nn.gelu)
         tokens = tokens + nn.Dense(self.dim)(h)
@@ -111,7 +119,9 @@ class PatchLocal(nn.Module):
     def __call__(self, x):  # [B, P, F]
         h = gg.site(self, "patch", nn.Dense(self.width)(x), act=nn.relu)
         mine = h / h.shape[1]
-        pooled = mine + jax.lax.stop_gradient(h.mean(1, keepdims=True) - mine)  # [B, P, C]
+        pooled = mine + jax.lax.stop_gradient(
+            h.mean(1, keepdims=True) - mine
+        )  # [B, P, C]
         return nn.Dense(NUM_CLASSES, name="head")(pooled)  # [B, P, classes]
 
 

@@ -44,7 +44,11 @@ def validate_batch(batch: Batch, need_label: bool = True) -> tuple[Array, Array 
     needed = ("image", "label") if need_label else ("image",)
     if not hasattr(batch, "keys") or any(k not in batch for k in needed):
         got = sorted(batch.keys()) if hasattr(batch, "keys") else type(batch).__name__
-        what = '"image" ([B, ...] float) and "label" ([B] int)' if need_label else '"image"'
+        what = (
+            '"image" ([B, ...] float) and "label" ([B] int)'
+            if need_label
+            else '"image"'
+        )
         raise ValueError(
             f"A batch must be a dict with {what}; got {got}. For other batches, pass "
             f"inputs=(batch -> model arguments) and loss_fn=(outputs, batch -> losses)."
@@ -301,7 +305,15 @@ def lean_joint_derivative(
 
 
 def lean_parameter_grads(
-    fns, rule, layer_params, x0, labels, keys, derivatives, normalize: bool, loss_of=None
+    fns,
+    rule,
+    layer_params,
+    x0,
+    labels,
+    keys,
+    derivatives,
+    normalize: bool,
+    loss_of=None,
 ):
     """Pass 2: recompute layer by layer, regenerate the guesses of ``keys`` [K] and form
     ``sum_b (mean_k d_{k,b} y_{k,l,b}) dS_l/dtheta_l / B`` for each site at once."""

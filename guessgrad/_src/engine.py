@@ -45,8 +45,12 @@ def _scale_copies(d: Array, y: Array) -> Array:
     return (grouped * d.reshape(d.shape + (1,))).reshape(y.shape)
 
 
-def site_estimate(info: SiteInfo, loss_tangents: Mapping[str, Array],
-                  loss_shapes: Mapping[str, tuple], y: Array) -> Array:
+def site_estimate(
+    info: SiteInfo,
+    loss_tangents: Mapping[str, Array],
+    loss_shapes: Mapping[str, tuple],
+    y: Array,
+) -> Array:
     """``g_{l,b} = d_b y_{l,b}`` with ``d`` from the losses site ``l`` feeds.
 
     A loss with copy axes [B, *copies] counts as their mean; with the
@@ -80,8 +84,15 @@ class GraphContext:
     (the guessed sites) to ``(loss tangents, value tangents)``.
     """
 
-    def __init__(self, structure: Structure, values: Mapping[str, Array], lin: Callable,
-                 zeros: Mapping[str, Array], needs_label: bool, losses=None):
+    def __init__(
+        self,
+        structure: Structure,
+        values: Mapping[str, Array],
+        lin: Callable,
+        zeros: Mapping[str, Array],
+        needs_label: bool,
+        losses=None,
+    ):
         self.structure = structure
         self.values = values
         self.losses = losses
@@ -131,19 +142,22 @@ class GraphContext:
         path = self.infos[index].path
         return jax.jvp(self._only(path), (self.zeros[path],), (tangent,))[1]
 
-    def pull(self, index: int, target: str, cotangent: Array,
-             post_activation: bool = False) -> Array:
+    def pull(
+        self, index: int, target: str, cotangent: Array, post_activation: bool = False
+    ) -> Array:
         """A cotangent at ``target`` pulled back to site ``index`` (the rest of the graph fixed)."""
         if post_activation:
             cotangent = self.mask(self._by_path[target].index, cotangent)
         path = self.infos[index].path
-        fn = lambda t: self._only(path)(t)[1][target]  # noqa: E731
+        fn = lambda t: self._only(path)(t)[1][target]
         return jax.linear_transpose(fn, self.zeros[path])(cotangent)[0]
 
     def next_maps(self, index: int) -> tuple[Callable, Callable]:
         target = self.target(index)
-        return (lambda v: self.push(index, v)[1][target],
-                lambda u: self.pull(index, target, u))
+        return (
+            lambda v: self.push(index, v)[1][target],
+            lambda u: self.pull(index, target, u),
+        )
 
     def next_jacobian(self, index: int) -> Array:
         """Per-example ``J_b = d target_b / d s_{l,b}``: [B, m, n], by ``m`` pulls."""
@@ -153,18 +167,25 @@ class GraphContext:
 
         def row(i):  # J_b^T e_i for every example b
             unit = jax.nn.one_hot(i, m, dtype=nxt.dtype).reshape(nxt.shape[1:])
-            return self.pull(index, target, like(jnp.broadcast_to(unit, nxt.shape), nxt))
+            return self.pull(
+                index, target, like(jnp.broadcast_to(unit, nxt.shape), nxt)
+            )
 
         # [m, B, ...]. On an Explicit mesh, batching rules that fold the row axis
         # into a batch-sharded one (convolutions) are not defined: one row at a time.
-        rows = (jax.vmap(row) if explicit_spec(nxt) is None else
-                lambda i: jax.lax.map(row, i))(jnp.arange(m))
+        rows = (
+            jax.vmap(row)
+            if explicit_spec(nxt) is None
+            else lambda i: jax.lax.map(row, i)
+        )(jnp.arange(m))
         return jnp.swapaxes(rows.reshape(m, batch, -1), 0, 1)
 
     def loss_gradient(self, index: int) -> Array:
         """The exact per-example gradient, at site ``index``, of the losses it feeds."""
         if not self.needs_label:
-            raise ValueError("This rule did not declare needs_label: it may not read the loss.")
+            raise ValueError(
+                "This rule did not declare needs_label: it may not read the loss."
+            )
         info = self.infos[index]
         shapes = self.structure.losses
 
@@ -173,8 +194,14 @@ class GraphContext:
             return {n: tangents[n] for n in info.feeds}
 
         cotangent = {
-            n: like(jnp.full(shapes[n], 1.0 / sites_lib.copies_of(shapes[n]),
-                             self.losses[n].dtype), self.losses[n])
+            n: like(
+                jnp.full(
+                    shapes[n],
+                    1.0 / sites_lib.copies_of(shapes[n]),
+                    self.losses[n].dtype,
+                ),
+                self.losses[n],
+            )
             for n in info.feeds
         }
         return jax.linear_transpose(fn, self.zeros[info.path])(cotangent)[0]
@@ -188,19 +215,31 @@ class GraphContext:
         return fn
 
 
-def linearize(model, variables: Params, args: tuple, batch, loss_fn, rngs,
-              structure: Structure, paths, needs_label: bool = False):
+def linearize(
+    model,
+    variables: Params,
+    args: tuple,
+    batch,
+    loss_fn,
+    rngs,
+    structure: Structure,
+    paths,
+    needs_label: bool = False,
+):
     """Linearises the forward at zero perturbations of the sites ``paths``.
 
     Returns ``(losses, outputs, ctx)``.
     """
     infos = {s.path: s for s in structure.sites}
-    zeros = {p: jnp.zeros(infos[p].shape, infos[p].dtype, out_sharding=infos[p].sharding)
-             for p in paths}
+    zeros = {
+        p: jnp.zeros(infos[p].shape, infos[p].dtype, out_sharding=infos[p].sharding)
+        for p in paths
+    }
 
     def forward(perturbations):
-        outputs, raw, taps = sites_lib.run(model, variables, args,
-                                           perturbations=perturbations, rngs=rngs)
+        outputs, raw, taps = sites_lib.run(
+            model, variables, args, perturbations=perturbations, rngs=rngs
+        )
         losses = sites_lib.normalize_losses(loss_fn(outputs, batch))
         return (losses, {**raw, **taps}), outputs
 
@@ -234,14 +273,17 @@ def derivatives(ctx: GraphContext, tangents: Mapping[str, Array], mode: str):
         total = 0.0
         for name in feeds:
             d = loss_tangents[name]
-            total = total + jnp.sum(d.reshape(d.shape[0], -1), -1) / sites_lib.copies_of(
-                shapes[name])
+            total = total + jnp.sum(
+                d.reshape(d.shape[0], -1), -1
+            ) / sites_lib.copies_of(shapes[name])
         return total
 
     if mode == "joint":
         return reduce(ctx.lin(dict(tangents))[0], list(shapes))
-    return {p: reduce(ctx.push(ctx._by_path[p].index, t)[0], ctx._by_path[p].feeds)
-            for p, t in tangents.items()}
+    return {
+        p: reduce(ctx.push(ctx._by_path[p].index, t)[0], ctx._by_path[p].feeds)
+        for p, t in tangents.items()
+    }
 
 
 class Trainable:
@@ -263,7 +305,9 @@ class Trainable:
             return part
         part = iter(part)
         return jax.tree.unflatten(
-            self.treedef, [next(part) if m else x for x, m in zip(self.leaves, self.mask)])
+            self.treedef,
+            [next(part) if m else x for x, m in zip(self.leaves, self.mask)],
+        )
 
     def full(self, grads_part) -> Params:
         """Gradients of the trainable part -> gradients of every leaf (exact zeros when frozen)."""
@@ -272,11 +316,23 @@ class Trainable:
         part = iter(grads_part)
         return jax.tree.unflatten(
             self.treedef,
-            [next(part) if m else jnp.zeros_like(x) for x, m in zip(self.leaves, self.mask)])
+            [
+                next(part) if m else jnp.zeros_like(x)
+                for x, m in zip(self.leaves, self.mask)
+            ],
+        )
 
 
-def local_parameter_grads(model, trainable: Trainable, args: tuple, batch, loss_fn, rngs,
-                          structure: Structure, site_grads: Mapping[str, Array]) -> Params:
+def local_parameter_grads(
+    model,
+    trainable: Trainable,
+    args: tuple,
+    batch,
+    loss_fn,
+    rngs,
+    structure: Structure,
+    site_grads: Mapping[str, Array],
+) -> Params:
     """Parameter estimates by one VJP of the cut forward.
 
     Cotangent ``g_l / B`` at each guessed site's raw value and ``1 / (B n)`` at
@@ -288,8 +344,9 @@ def local_parameter_grads(model, trainable: Trainable, args: tuple, batch, loss_
     paths = [s.path for s in structure.active]
 
     def cut_forward(part):
-        outputs, raw, _ = sites_lib.run(model, trainable.rebuild(part), args, cut=True,
-                                        rngs=rngs)
+        outputs, raw, _ = sites_lib.run(
+            model, trainable.rebuild(part), args, cut=True, rngs=rngs
+        )
         losses = sites_lib.normalize_losses(loss_fn(outputs, batch))
         return {n: losses[n] for n in exact}, {p: raw[p] for p in paths}
 

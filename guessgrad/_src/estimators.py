@@ -96,8 +96,12 @@ class Problem:
         for name, fn in (("loss_fn", loss_fn), ("inputs", inputs)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable; got {fn!r}.")
-        if trainable is not None and not (callable(trainable) or jax.tree.leaves(trainable)):
-            raise ValueError(f"trainable must be a pytree of bools or a callable; got {trainable!r}.")
+        if trainable is not None and not (
+            callable(trainable) or jax.tree.leaves(trainable)
+        ):
+            raise ValueError(
+                f"trainable must be a pytree of bools or a callable; got {trainable!r}."
+            )
         self.model = model
         self.default_loss = loss_fn is None
         self.default_inputs = inputs is None
@@ -121,10 +125,14 @@ class Problem:
         variables = sites_lib.split_variables(params)
         sites_lib.check_collections(variables)
         args = sites_lib.as_args(self.inputs(batch))
-        rngs = None if key is None else {"dropout": jax.random.fold_in(key, DROPOUT_SALT)}
+        rngs = (
+            None if key is None else {"dropout": jax.random.fold_in(key, DROPOUT_SALT)}
+        )
         mask = sites_lib.leaf_mask(self.trainable, variables)
         self.check_input(variables, args, rngs)
-        structure = self.structure(variables, args, batch, rngs, mask) if analyse else None
+        structure = (
+            self.structure(variables, args, batch, rngs, mask) if analyse else None
+        )
         return variables, args, rngs, structure, engine.Trainable(variables, mask)
 
     def check_input(self, variables, args, rngs) -> None:
@@ -133,13 +141,23 @@ class Problem:
         if signature in self._structures:
             return
         try:
-            jax.eval_shape(lambda v, a: self.model.apply(v, *a, rngs=_abstract_rngs(rngs)),
-                           _abstract(variables), _abstract(args))
-        except Exception as err:  # noqa: BLE001 - reported with the input's shape
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            jax.eval_shape(
+                lambda v, a: self.model.apply(v, *a, rngs=_abstract_rngs(rngs)),
+                _abstract(variables),
+                _abstract(args),
+            )
+        except Exception as err:
+            reason = (
+                str(err).strip().splitlines()[0]
+                if str(err).strip()
+                else type(err).__name__
+            )
             shapes = jax.tree.map(jnp.shape, args)
-            where = (f'batch["image"] has shape {shapes[0]}' if self.default_inputs
-                     else f"inputs(batch) has shapes {shapes}")
+            where = (
+                f'batch["image"] has shape {shapes[0]}'
+                if self.default_inputs
+                else f"inputs(batch) has shapes {shapes}"
+            )
             raise ValueError(
                 f"{where}, which the model with these params does not accept: {reason}"
             ) from err
@@ -149,8 +167,13 @@ class Problem:
         signature = (_signature((variables, args, batch)), mask)
         if signature not in self._structures:
             self._structures[signature] = sites_lib.analyse(
-                self.model, _abstract(variables), _abstract(args), self.loss_fn,
-                _abstract(batch), _abstract_rngs(rngs), mask,
+                self.model,
+                _abstract(variables),
+                _abstract(args),
+                self.loss_fn,
+                _abstract(batch),
+                _abstract_rngs(rngs),
+                mask,
             )
         return self._structures[signature]
 
@@ -167,8 +190,10 @@ def _abstract(tree):
     def one(x):
         if _is_key(x):
             return x
-        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
-                                    sharding=explicit_spec(x))
+        return jax.ShapeDtypeStruct(
+            jnp.shape(x), jnp.result_type(x), sharding=explicit_spec(x)
+        )
+
     return jax.tree.map(one, tree)
 
 
@@ -184,7 +209,8 @@ def _abstract_rngs(rngs):
 def _signature(tree):
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple(
-        (jnp.shape(x), str(jnp.result_type(x)), str(explicit_spec(x))) for x in leaves)
+        (jnp.shape(x), str(jnp.result_type(x)), str(explicit_spec(x))) for x in leaves
+    )
 
 
 def activation_space(
@@ -226,12 +252,21 @@ def activation_space(
         variables, args, rngs, structure, train = problem.prepare(params, batch, key)
         active = structure.active
         losses, outputs, ctx = engine.linearize(
-            model, variables, args, batch, problem.loss_fn, rngs, structure,
-            [s.path for s in active], rule.needs_label,
+            model,
+            variables,
+            args,
+            batch,
+            problem.loss_fn,
+            rngs,
+            structure,
+            [s.path for s in active],
+            rule.needs_label,
         )
 
         def one_estimate(guess_key):
-            guesses = {s.path: rules.site_guess(rule, ctx, s.index, guess_key) for s in active}
+            guesses = {
+                s.path: rules.site_guess(rule, ctx, s.index, guess_key) for s in active
+            }
             if normalize:
                 guesses = {p: core.normalize_per_example(y) for p, y in guesses.items()}
             return engine.site_gradients(ctx, guesses, mode)
@@ -249,7 +284,7 @@ def activation_space(
 def _lean(problem: Problem, rule, num_guesses: int, normalize: bool) -> Estimator:
     model = problem.model
     if not isinstance(model, Chain):
-        raise ValueError(
+        raise TypeError(
             f"lean=True needs a model whose sites declare their own maps (a "
             f"guessgrad.models.Chain, e.g. MLP): pass two recomputes the forward site by "
             f"site. {type(model).__name__} marks its sites inline; use lean=False."
@@ -262,7 +297,9 @@ def _lean(problem: Problem, rule, num_guesses: int, normalize: bool) -> Estimato
         )
 
     def estimate(params: Params, batch: Batch, key: PRNGKey):
-        variables, args, _, _, train = problem.prepare(params, batch, key, analyse=False)
+        variables, args, _, _, train = problem.prepare(
+            params, batch, key, analyse=False
+        )
         layer_params = core.split_params(fns, variables)
         x0, keys = fns.preprocess(*args), guess_keys(key, num_guesses)
         if problem.default_loss:
@@ -273,7 +310,9 @@ def _lean(problem: Problem, rule, num_guesses: int, normalize: bool) -> Estimato
             def loss_of(logits):
                 losses = problem.losses(logits, batch)
                 if len(losses) != 1 or jnp.ndim(next(iter(losses.values()))) != 1:
-                    raise ValueError("lean=True needs one per-example loss [B] from loss_fn.")
+                    raise ValueError(
+                        "lean=True needs one per-example loss [B] from loss_fn."
+                    )
                 return next(iter(losses.values()))
 
         derivatives, losses, logits = jax.vmap(
@@ -286,7 +325,9 @@ def _lean(problem: Problem, rule, num_guesses: int, normalize: bool) -> Estimato
         )
         grads = core.join_params(fns, grads)
         if train.mask is not None:
-            grads = train.full([g for g, m in zip(jax.tree.leaves(grads), train.mask) if m])
+            grads = train.full(
+                [g for g, m in zip(jax.tree.leaves(grads), train.mask) if m]
+            )
         return grads, problem.metrics(logits[0], batch, {"loss": losses[0]})
 
     return estimate
@@ -296,13 +337,14 @@ def _exact(problem: Problem):
     """``(params, batch, key) -> (loss_fn of the trainable part, Trainable)``."""
 
     def setup(params, batch, key):
-        variables, args, rngs, _, train = problem.prepare(params, batch, key, analyse=False)
+        _, args, rngs, _, train = problem.prepare(params, batch, key, analyse=False)
 
         def loss_fn(part):
             outputs = problem.model.apply(train.rebuild(part), *args, rngs=rngs)
             losses = problem.losses(outputs, batch)
             return sum(jnp.mean(v) for v in losses.values()), problem.metrics(
-                outputs, batch, losses)
+                outputs, batch, losses
+            )
 
         return loss_fn, train
 
@@ -546,7 +588,9 @@ def build_estimator(
         raise ValueError(
             f"Unknown option(s) {unknown} for estimator {name!r}; valid options: {listing}."
         )
-    return factory(model, loss_fn=loss_fn, inputs=inputs, trainable=trainable, **options)
+    return factory(
+        model, loss_fn=loss_fn, inputs=inputs, trainable=trainable, **options
+    )
 
 
 def get_estimator(
@@ -580,7 +624,9 @@ def structure(
     return problem.prepare(params, batch, jax.random.key(0))[3]
 
 
-def print_structure(model, params: Params, batch: Batch, **kwargs) -> sites_lib.Structure:
+def print_structure(
+    model, params: Params, batch: Batch, **kwargs
+) -> sites_lib.Structure:
     """Prints :func:`structure` as a table (what is guessed, what gets an exact gradient)."""
     found = structure(model, params, batch, **kwargs)
     print(found.table())
@@ -611,12 +657,15 @@ def directional_derivatives(
     paths = [s.path for s in found.sites]
     if not isinstance(tangents, dict):
         if len(tangents) != len(paths):
-            raise ValueError(f"Need one tangent per site ({len(paths)}); got {len(tangents)}.")
+            raise ValueError(
+                f"Need one tangent per site ({len(paths)}); got {len(tangents)}."
+            )
         tangents = dict(zip(paths, tangents))
     unknown = sorted(set(tangents) - set(paths))
     if unknown:
         raise ValueError(f"No sites named {unknown}; the sites are {paths}.")
-    _, _, ctx = engine.linearize(model, variables, args, batch, problem.loss_fn, rngs,
-                                 found, list(tangents))
+    _, _, ctx = engine.linearize(
+        model, variables, args, batch, problem.loss_fn, rngs, found, list(tangents)
+    )
     out = engine.derivatives(ctx, tangents, mode)
     return out if mode == "joint" else jnp.stack([out[p] for p in tangents])

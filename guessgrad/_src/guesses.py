@@ -1,14 +1,20 @@
 """Guess rules: what each method believes ``dl_b/ds_l`` looks like.
 
-A rule sees only what is known at guess time (a :class:`GuessContext`:
-weights, site values, activations, random numbers), never the label or the
-loss, unless it declares ``needs_label`` (only ``self_sharpening``'s last
-layer does). Rules are written per site, with a key folded from the site's
-index, so the same guesses can be regenerated site by site.
+A rule sees only what is known at guess time, through a context (site
+values, activations, masks, the maps between a site and its target, random
+numbers), never the label or the loss, unless it declares ``needs_label``
+(only ``self_sharpening``'s terminal sites do). Rules are written per site,
+with a key folded from the site's index, so the same guesses can be
+regenerated site by site.
 
-The W^T family is written with VJPs of the chain's own site maps, so it works
-for any site map (dense, grouped, token mixing, with a norm inside), not only
-for a dense matrix.
+Two contexts implement the interface the rules use (``value``, ``target``,
+``has_act``, ``output``, ``mask``, ``pull``, ``next_maps``,
+``next_jacobian``, ``loss_gradient``, ``is_terminal``): :class:`GuessContext`
+on a :class:`~guessgrad.models.Chain` (lean mode), and
+:class:`guessgrad._src.engine.GraphContext` on any model with sites. The W^T
+family pulls back through the map from a site to its target with the rest of
+the graph fixed, so it works for any layers in between (dense, grouped,
+attention, a norm, a residual), not only for a dense matrix.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from guessgrad._src.base import Array, Params, PRNGKey
-from guessgrad._src.sharding import explicit_spec, like, like_batch
 from guessgrad._src.models import ChainFns
+from guessgrad._src.sharding import explicit_spec, like, like_batch
 
 
 class GuessContext(NamedTuple):
@@ -194,7 +200,9 @@ def mixing_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
     batch = outputs.shape[0]
     alpha = jax.random.normal(key, (batch, batch), outputs.dtype)
     # On an Explicit mesh the batch axis is sharded: say the result is sharded like it.
-    mixed = jnp.einsum("bj,j...->b...", alpha, outputs, out_sharding=explicit_spec(outputs))
+    mixed = jnp.einsum(
+        "bj,j...->b...", alpha, outputs, out_sharding=explicit_spec(outputs)
+    )
     return ctx.mask(index, mixed)
 
 
@@ -222,7 +230,10 @@ def wperp_hidden(rank: int) -> HiddenRule:
         _, singular_values, vh = jnp.linalg.svd(jac, full_matrices=False)
         k = min(rank, vh.shape[1])
         keep = singular_values[:, :k] > _singular_tolerance(singular_values)
-        z = like_batch(jax.random.normal(key, (site.shape[0], k), site.dtype), site) * keep
+        z = (
+            like_batch(jax.random.normal(key, (site.shape[0], k), site.dtype), site)
+            * keep
+        )
         return jnp.einsum("bk,bkn->bn", z, vh[:, :k]).reshape(site.shape)
 
     return rule
@@ -310,7 +321,8 @@ def _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps):
     push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n] -> [B,p,m]
     omega_key, z_key = jax.random.split(key)
     omega = like_batch(
-        jax.random.normal(omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype), nxt
+        jax.random.normal(omega_key, (nxt.shape[0], rank) + nxt.shape[1:], nxt.dtype),
+        nxt,
     )
 
     def orthonormalise(block):

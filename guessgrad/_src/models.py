@@ -87,7 +87,9 @@ class Chain(nn.Module):
         for index, module in enumerate(modules):
             last = index == len(modules) - 1
             # Site l is the output of map l, named after it; the activation follows.
-            x = site(self, module.name, module(x), act=None if last else self.activation)
+            x = site(
+                self, module.name, module(x), act=None if last else self.activation
+            )
         return x
 
 

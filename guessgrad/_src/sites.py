@@ -98,7 +98,9 @@ def _path(module: nn.Module, name: str) -> tuple[tuple[str, ...], str]:
             f"{type(module).__name__}."
         )
     if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"A site or tap name must be a non-empty string without '/'; got {name!r}.")
+        raise ValueError(
+            f"A site or tap name must be a non-empty string without '/'; got {name!r}."
+        )
     module_path = tuple(module.scope.path)
     return module_path, "/".join(module_path + (name,))
 
@@ -118,7 +120,11 @@ def _record(module: nn.Module, collection: str, name: str, value: Array) -> None
             f"scanned site would be one stacked [layers, B, ...] value). Unroll those layers "
             f"with a Python loop (nn.remat per layer keeps the memory saving)."
         )
-    previous = scope.get_variable(collection, key) if scope.has_variable(collection, key) else ()
+    previous = (
+        scope.get_variable(collection, key)
+        if scope.has_variable(collection, key)
+        else ()
+    )
     scope.put_variable(collection, key, previous + (value,))
 
 
@@ -130,9 +136,16 @@ def _mark(module, name, value, *, act, next, feeds, apply_act: bool):
                 feeds = (feeds,)
             _STATE.recorder[SITES].setdefault(
                 path,
-                _Mark(path, module_path, act, next,
-                      None if feeds is None else tuple(feeds),
-                      tuple(jnp.shape(value)), jnp.result_type(value), explicit_spec(value)),
+                _Mark(
+                    path,
+                    module_path,
+                    act,
+                    next,
+                    None if feeds is None else tuple(feeds),
+                    tuple(jnp.shape(value)),
+                    jnp.result_type(value),
+                    explicit_spec(value),
+                ),
             )
         _record(module, SITES, name, value)
         if _STATE.cut:
@@ -150,7 +163,7 @@ def site(
     value: Array,
     *,
     act: Callable[[Array], Array] | None = None,
-    next: Any = NEXT,  # noqa: A002 - the argument's name in the API
+    next: Any = NEXT,
     feeds: str | Sequence[str] | None = None,
 ) -> Array:
     """Marks ``value`` ([B, ...], per example) as a perturbation site; returns ``act(value + 0)``.
@@ -215,8 +228,15 @@ class MarkedModel:
                 return out
             seen.add(path)
             act = self.sites[path]
-            return _mark(context.module, "out", out, act=act, next=NEXT, feeds=None,
-                         apply_act=False)
+            return _mark(
+                context.module,
+                "out",
+                out,
+                act=act,
+                next=NEXT,
+                feeds=None,
+                apply_act=False,
+            )
 
         with nn.intercept_methods(interceptor):
             result = self.model.apply(variables, *args, **kwargs)
@@ -252,7 +272,9 @@ def mark_outputs(model: nn.Module, sites: Mapping[str, Callable | None]) -> Mark
         estimate = guessgrad.get_estimator("wt", model)
     """
     if not hasattr(model, "apply"):
-        raise TypeError(f"mark_outputs needs a Flax linen module; got {type(model).__name__}.")
+        raise TypeError(
+            f"mark_outputs needs a Flax linen module; got {type(model).__name__}."
+        )
     if not sites:
         raise ValueError("mark_outputs needs at least one submodule path to mark.")
     return MarkedModel(model, sites)
@@ -265,7 +287,7 @@ def _flat(tree) -> dict[str, Array]:
     """A sown collection -> {path: value}; each value sown once (else an error)."""
     out = {}
     for key, values in traverse_util.flatten_dict(dict(tree)).items():
-        path = "/".join(key[:-1] + (key[-1][len(_PREFIX):],))
+        path = "/".join(key[:-1] + (key[-1][len(_PREFIX) :],))
         if len(values) != 1:
             raise ValueError(
                 f"Site or tap {path!r} was marked {len(values)} times in one forward pass "
@@ -278,20 +300,36 @@ def _flat(tree) -> dict[str, Array]:
 def split_variables(variables) -> Params:
     """The user's variables without guessgrad's own collections."""
     if not isinstance(variables, Mapping) or "params" not in variables:
-        got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
-        raise ValueError(f'params must be what model.init returns, {{"params": ...}}; got {got}.')
+        got = (
+            sorted(variables)
+            if isinstance(variables, Mapping)
+            else type(variables).__name__
+        )
+        raise ValueError(
+            f'params must be what model.init returns, {{"params": ...}}; got {got}.'
+        )
     return {k: v for k, v in variables.items() if k not in _OWN_COLLECTIONS}
 
 
-def run(model, variables, args: tuple, *, perturbations=None, cut=False, rngs=None,
-        recorder=None):
+def run(
+    model,
+    variables,
+    args: tuple,
+    *,
+    perturbations=None,
+    cut=False,
+    rngs=None,
+    recorder=None,
+):
     """``model.apply`` with sites live: ``(outputs, {site: raw value}, {tap: value})``."""
     variables = dict(variables)
     if perturbations:
-        variables[PERTURBATIONS] = traverse_util.unflatten_dict({
-            tuple(p.split("/")[:-1]) + (_PREFIX + p.split("/")[-1],): v
-            for p, v in perturbations.items()
-        })
+        variables[PERTURBATIONS] = traverse_util.unflatten_dict(
+            {
+                tuple(p.split("/")[:-1]) + (_PREFIX + p.split("/")[-1],): v
+                for p, v in perturbations.items()
+            }
+        )
     with _running(cut=cut, recorder=recorder):
         outputs, state = model.apply(variables, *args, rngs=rngs, mutable=[SITES, TAPS])
     return outputs, _flat(state.get(SITES, {})), _flat(state.get(TAPS, {}))
@@ -306,7 +344,9 @@ def normalize_losses(losses, batch_size: int | None = None) -> dict[str, Array]:
         losses = {"loss": losses}
     out = {}
     for name, value in losses.items():
-        if jnp.ndim(value) < 1 or (batch_size is not None and jnp.shape(value)[0] != batch_size):
+        if jnp.ndim(value) < 1 or (
+            batch_size is not None and jnp.shape(value)[0] != batch_size
+        ):
             raise ValueError(
                 f"loss_fn must return per-example losses [B] (or [B, *copies]), or a dict of "
                 f"them; loss {name!r} has shape {jnp.shape(value)} for a batch of {batch_size}."
@@ -360,7 +400,9 @@ class Structure:
     param_paths: tuple[str, ...]
     param_shapes: tuple[tuple[int, ...], ...]
     trainable: tuple[bool, ...]
-    owners: tuple[tuple[str, ...], ...]  # per parameter leaf: "site:<path>" / "loss:<name>"
+    owners: tuple[
+        tuple[str, ...], ...
+    ]  # per parameter leaf: "site:<path>" / "loss:<name>"
 
     @property
     def active(self) -> tuple[SiteInfo, ...]:
@@ -388,28 +430,53 @@ class Structure:
         active = {s.path for s in self.active}
         rows = [("site", "shape", "act", "guess pulls from", "losses fed", "guessed")]
         for s in self.sites:
-            fed = ", ".join(
-                name + ("" if layout == "example" else f" ({layout})")
-                for name, layout in zip(s.feeds, s.layouts)
-            ) or "none"
-            rows.append((
-                s.path, _shape(s.shape), _act_name(s.act),
-                s.target or "(terminal: output guess)", fed,
-                "yes" if s.path in active
-                else ("no (reaches no loss)" if not s.feeds else "no (nothing trainable)"),
-            ))
+            fed = (
+                ", ".join(
+                    name + ("" if layout == "example" else f" ({layout})")
+                    for name, layout in zip(s.feeds, s.layouts)
+                )
+                or "none"
+            )
+            rows.append(
+                (
+                    s.path,
+                    _shape(s.shape),
+                    _act_name(s.act),
+                    s.target or "(terminal: output guess)",
+                    fed,
+                    "yes"
+                    if s.path in active
+                    else (
+                        "no (reaches no loss)"
+                        if not s.feeds
+                        else "no (nothing trainable)"
+                    ),
+                )
+            )
         prow = [("parameter", "shape", "trainable", "updated by")]
-        for path, shape, train, own in zip(self.param_paths, self.param_shapes,
-                                           self.trainable, self.owners):
+        for path, shape, train, own in zip(
+            self.param_paths, self.param_shapes, self.trainable, self.owners
+        ):
             how = []
             for o in own:
                 kind, name = o.split(":", 1)
-                how.append(f"site {name} (guess, local VJP)" if kind == "site"
-                           else f"loss {name} (exact local gradient)")
-            prow.append((path, _shape(shape, batch=False), "yes" if train else "no (zero)",
-                         "; ".join(how) or "nothing (gradient zero)"))
-        lines = [f"{len(self.sites)} sites, {len(self.taps)} taps, losses: "
-                 + ", ".join(f"{k} {_shape(v)}" for k, v in self.losses.items())]
+                how.append(
+                    f"site {name} (guess, local VJP)"
+                    if kind == "site"
+                    else f"loss {name} (exact local gradient)"
+                )
+            prow.append(
+                (
+                    path,
+                    _shape(shape, batch=False),
+                    "yes" if train else "no (zero)",
+                    "; ".join(how) or "nothing (gradient zero)",
+                )
+            )
+        lines = [
+            f"{len(self.sites)} sites, {len(self.taps)} taps, losses: "
+            + ", ".join(f"{k} {_shape(v)}" for k, v in self.losses.items())
+        ]
         return "\n".join(lines + ["", _format(rows), "", _format(prow)])
 
     def __str__(self) -> str:
@@ -448,8 +515,11 @@ def _sub_jaxpr(eqn):
         if sub is None:
             continue
         jaxpr = getattr(sub, "jaxpr", sub)
-        if isinstance(jaxpr, jex_core.Jaxpr) and len(jaxpr.invars) == len(eqn.invars) \
-                and len(jaxpr.outvars) == len(eqn.outvars):
+        if (
+            isinstance(jaxpr, jex_core.Jaxpr)
+            and len(jaxpr.invars) == len(eqn.invars)
+            and len(jaxpr.outvars) == len(eqn.outvars)
+        ):
             return jaxpr
     return None
 
@@ -487,7 +557,9 @@ def _tangent_dependencies(fn, fixed, point) -> list[int]:
     def jvp_out(fixed, point_leaves, tangent_leaves):
         primal = jax.tree.unflatten(treedef, point_leaves)
         tangent = jax.tree.unflatten(treedef, tangent_leaves)
-        return jax.tree.leaves(jax.jvp(lambda x: fn(fixed, x), (primal,), (tangent,))[1])
+        return jax.tree.leaves(
+            jax.jvp(lambda x: fn(fixed, x), (primal,), (tangent,))[1]
+        )
 
     closed = jax.make_jaxpr(jvp_out)(fixed, leaves, leaves)
     num_fixed = len(jax.tree.leaves(fixed)) + len(leaves)
@@ -508,8 +580,11 @@ def _layout(site_shape, loss_shape) -> str:
     if not copies:
         return "example"
     k = len(copies)
-    if len(site_shape) > k and tuple(site_shape[1:k]) == copies[:-1] \
-            and site_shape[k] % copies[-1] == 0:
+    if (
+        len(site_shape) > k
+        and tuple(site_shape[1:k]) == copies[:-1]
+        and site_shape[k] % copies[-1] == 0
+    ):
         return "copies"
     return "summed"
 
@@ -525,18 +600,28 @@ def _resolve(name, mark: _Mark, names: Sequence[str], kind: str):
     )
 
 
-def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> Structure:
+def analyse(
+    model, variables, args, loss_fn, batch, rngs, trainable_leaves
+) -> Structure:
     """Traces the model abstractly (no FLOPs) and returns its :class:`Structure`."""
     params = split_variables(variables)
     recorder = {SITES: {}, TAPS: {}}
 
     def forward(params, args, batch, perturbations, cut=False, record=None):
-        outputs, raw, taps = run(model, params, args, perturbations=perturbations, cut=cut,
-                                 rngs=rngs, recorder=record)
+        outputs, raw, taps = run(
+            model,
+            params,
+            args,
+            perturbations=perturbations,
+            cut=cut,
+            rngs=rngs,
+            recorder=record,
+        )
         return normalize_losses(loss_fn(outputs, batch)), raw, taps
 
     losses, raw, taps = jax.eval_shape(
-        lambda p, a, b: forward(p, a, b, None, record=recorder), params, args, batch)
+        lambda p, a, b: forward(p, a, b, None, record=recorder), params, args, batch
+    )
     marks = recorder[SITES]
     if not marks:
         raise ValueError(
@@ -564,15 +649,27 @@ def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> S
     loss_names = list(losses)
 
     # Which losses, sites and taps each site's perturbation reaches.
-    zeros = {p: _struct(marks[p].shape, marks[p].dtype, marks[p].sharding) for p in paths}
-    out_bits = _tangent_dependencies(lambda f, d: forward(*f, d), (params, args, batch), zeros)
-    out_names = [f"loss:{n}" for n in sorted(losses)] + [f"site:{n}" for n in sorted(raw)] \
+    zeros = {
+        p: _struct(marks[p].shape, marks[p].dtype, marks[p].sharding) for p in paths
+    }
+    out_bits = _tangent_dependencies(
+        lambda f, d: forward(*f, d), (params, args, batch), zeros
+    )
+    out_names = (
+        [f"loss:{n}" for n in sorted(losses)]
+        + [f"site:{n}" for n in sorted(raw)]
         + [f"tap:{n}" for n in sorted(taps)]
+    )
     # Bit i is the i-th leaf of `zeros` as JAX flattens it (keys sorted): map to forward order.
-    leaf_paths = ["/".join(_key_name(k) for k in kp)
-                  for kp, _ in jax.tree_util.tree_flatten_with_path(zeros)[0]]
+    leaf_paths = [
+        "/".join(_key_name(k) for k in kp)
+        for kp, _ in jax.tree_util.tree_flatten_with_path(zeros)[0]
+    ]
     forward_index = [paths.index(p) for p in leaf_paths]
-    reached = {name: {forward_index[i] for i in _bits(b)} for name, b in zip(out_names, out_bits)}
+    reached = {
+        name: {forward_index[i] for i in _bits(b)}
+        for name, b in zip(out_names, out_bits)
+    }
 
     infos = []
     for index, path in enumerate(paths):
@@ -590,15 +687,31 @@ def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> S
             fed = list(mark.feeds)
         target = _target(mark, index, paths, list(taps), reached)
         layouts = tuple(_layout(mark.shape, losses[n].shape) for n in fed)
-        infos.append(SiteInfo(path, index, mark.shape, mark.dtype, mark.act, target,
-                              tuple(fed), layouts, mark.sharding))
+        infos.append(
+            SiteInfo(
+                path,
+                index,
+                mark.shape,
+                mark.dtype,
+                mark.act,
+                target,
+                tuple(fed),
+                layouts,
+                mark.sharding,
+            )
+        )
 
     # Who updates each parameter: dependencies of the cut forward on the parameters.
     leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
-    param_paths = tuple("/".join(_key_name(k) for k in kp) for kp, _ in leaves_with_path)
+    param_paths = tuple(
+        "/".join(_key_name(k) for k in kp) for kp, _ in leaves_with_path
+    )
     param_bits = _tangent_dependencies(
-        lambda f, p: forward(p, *f, None, cut=True)[:2], (args, batch), params)
-    cut_names = [f"loss:{n}" for n in sorted(losses)] + [f"site:{n}" for n in sorted(raw)]
+        lambda f, p: forward(p, *f, None, cut=True)[:2], (args, batch), params
+    )
+    cut_names = [f"loss:{n}" for n in sorted(losses)] + [
+        f"site:{n}" for n in sorted(raw)
+    ]
     owners = [[] for _ in param_paths]
     for name, bits in zip(cut_names, param_bits):
         for leaf in _bits(bits):
@@ -606,8 +719,11 @@ def analyse(model, variables, args, loss_fn, batch, rngs, trainable_leaves) -> S
     order = {f"site:{p}": i for i, p in enumerate(paths)}
     order.update({f"loss:{n}": len(paths) + i for i, n in enumerate(loss_names)})
     owners = tuple(tuple(sorted(o, key=order.__getitem__)) for o in owners)
-    trainable = tuple(bool(t) for t in trainable_leaves) if trainable_leaves is not None \
+    trainable = (
+        tuple(bool(t) for t in trainable_leaves)
+        if trainable_leaves is not None
         else (True,) * len(param_paths)
+    )
     return Structure(
         sites=tuple(infos),
         taps={p: tuple(s.shape) for p, s in taps.items()},
@@ -623,13 +739,15 @@ def _target(mark: _Mark, index: int, paths, tap_paths, reached) -> str | None:
     if mark.next is None:
         return None
     if isinstance(mark.next, _Next):
-        for later in paths[index + 1:]:
+        for later in paths[index + 1 :]:
             if index in reached[f"site:{later}"]:
                 return later
         return None
     if not isinstance(mark.next, str):
-        raise ValueError(f"Site {mark.path!r}: next must be a site or tap name, None or "
-                         f"left out; got {mark.next!r}.")
+        raise TypeError(
+            f"Site {mark.path!r}: next must be a site or tap name, None or "
+            f"left out; got {mark.next!r}."
+        )
     target = _resolve(mark.next, mark, list(paths) + list(tap_paths), "sites and taps")
     kind = "tap" if target in tap_paths else "site"
     if target == mark.path or index not in reached[f"{kind}:{target}"]:
@@ -684,7 +802,7 @@ def leaf_mask(trainable, params) -> tuple[bool, ...] | None:
     out = []
     for flag in flags:
         if not isinstance(flag, (bool, np.bool_)):
-            raise ValueError(f"trainable's leaves must be Python bools; got {flag!r}.")
+            raise TypeError(f"trainable's leaves must be Python bools; got {flag!r}.")
         out.append(bool(flag))
     if not any(out):
         raise ValueError("trainable marks no parameter as trainable.")
