@@ -301,25 +301,20 @@ class Trainable:
         return [x for x, m in zip(self.leaves, self.mask) if m]
 
     def rebuild(self, part) -> Params:
+        return self._merge(part, lambda x: x)
+
+    def full(self, grads_part) -> Params:
+        """Gradients of the trainable part -> gradients of every leaf (exact zeros when frozen)."""
+        return self._merge(grads_part, jnp.zeros_like)
+
+    def _merge(self, part, frozen: Callable) -> Params:
+        """``part``'s leaves where trainable, ``frozen(leaf)`` elsewhere."""
         if self.mask is None:
             return part
         part = iter(part)
         return jax.tree.unflatten(
             self.treedef,
-            [next(part) if m else x for x, m in zip(self.leaves, self.mask)],
-        )
-
-    def full(self, grads_part) -> Params:
-        """Gradients of the trainable part -> gradients of every leaf (exact zeros when frozen)."""
-        if self.mask is None:
-            return grads_part
-        part = iter(grads_part)
-        return jax.tree.unflatten(
-            self.treedef,
-            [
-                next(part) if m else jnp.zeros_like(x)
-                for x, m in zip(self.leaves, self.mask)
-            ],
+            [next(part) if m else frozen(x) for x, m in zip(self.leaves, self.mask)],
         )
 
 

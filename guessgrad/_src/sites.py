@@ -404,22 +404,27 @@ class Structure:
         tuple[str, ...], ...
     ]  # per parameter leaf: "site:<path>" / "loss:<name>"
 
+    def _updating(self, kind: str) -> set[str]:
+        """Names of the sites or losses (``kind``) that update a trainable leaf."""
+        prefix = kind + ":"
+        return {
+            o[len(prefix) :]
+            for own, train in zip(self.owners, self.trainable)
+            if train
+            for o in own
+            if o.startswith(prefix)
+        }
+
     @property
     def active(self) -> tuple[SiteInfo, ...]:
         """Sites that update a trainable parameter: the only ones guessed."""
-        used = set()
-        for own, train in zip(self.owners, self.trainable):
-            if train:
-                used.update(o[5:] for o in own if o.startswith("site:"))
+        used = self._updating("site")
         return tuple(s for s in self.sites if s.path in used and s.feeds)
 
     @property
     def exact_losses(self) -> tuple[str, ...]:
         """Losses whose exact local gradient reaches a trainable parameter."""
-        used = set()
-        for own, train in zip(self.owners, self.trainable):
-            if train:
-                used.update(o[5:] for o in own if o.startswith("loss:"))
+        used = self._updating("loss")
         return tuple(name for name in self.losses if name in used)
 
     def site(self, path: str) -> SiteInfo:
