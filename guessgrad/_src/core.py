@@ -1,18 +1,13 @@
-"""The forward-mode engine every activation-space estimator is composed from.
+"""What estimators share, and the chain-side passes of lean mode.
 
-One forward pass records each site's input ``x_l`` and value ``s_l`` and the
-linear map ``ds_{l-1} -> ds_l`` between consecutive sites (``jax.linearize``
-of one layer). Directional derivatives of the per-example losses are then
-pushes of guessed site tangents through those maps:
-
-* joint mode: every site perturbed in one pass,
-  ``d_b = sum_l <dl_b/ds_l, y_{l,b}>``;
-* per-layer mode: one derivative per site, ``d_{l,b} = <dl_b/ds_l, y_{l,b}>``,
-  each site's tangent pushed only through the layers after it.
-
-Parameter estimates come from the VJP of each site's own map only
-(``dW_l = sum_b g_{l,b} x_{l,b}^T / B`` for a dense layer): nothing flows
-between layers in reverse.
+Batch checks, the per-example cross-entropy, per-example scaling and
+normalisation of guesses serve every estimator. The rest works on a
+:class:`~guessgrad.models.Chain`, whose sites declare their own maps:
+:func:`forward` records each site's input ``x_l``, value ``s_l`` and the
+linear map between consecutive sites (the reference the rule and benchmark
+code reads), :func:`local_parameter_grads` applies each site map's own VJP,
+and the lean passes below recompute the forward site by site. The engine
+for models with sites marked anywhere is :mod:`guessgrad._src.engine`.
 """
 
 from __future__ import annotations
@@ -138,42 +133,6 @@ def forward(
     return Trace(tuple(inputs), tuple(sites), losses, tuple(tangent_maps), loss_map)
 
 
-def joint_derivative(trace: Trace, tangents: Sequence[Array]) -> Array:
-    """``d_b = sum_l <dl_b/ds_l, tangents[l]_b>`` from one tangent pass: -> [B]."""
-    tangent = tangents[0]
-    for tangent_map, site_tangent in zip(trace.tangent_maps, tangents[1:]):
-        tangent = tangent_map(tangent) + site_tangent
-    return trace.loss_map(tangent)
-
-
-def per_site_derivatives(trace: Trace, tangents: Sequence[Array]) -> tuple[Array, ...]:
-    """``d_{l,b} = <dl_b/ds_l, tangents[l]_b>`` for every site: a tuple of [B].
-
-    Site ``l``'s tangent is pushed only through the maps after it, so the tangent
-    work is triangular in depth rather than depth squared.
-    """
-    derivatives = []
-    for index, tangent in enumerate(tangents):
-        for tangent_map in trace.tangent_maps[index:]:
-            tangent = tangent_map(tangent)
-        derivatives.append(trace.loss_map(tangent))
-    return tuple(derivatives)
-
-
-def site_gradient_estimates(
-    trace: Trace, guesses: Sequence[Array], mode: str
-) -> tuple[Array, ...]:
-    """``g_{l,b} = d_b y_{l,b}`` (joint) or ``d_{l,b} y_{l,b}`` (per_layer)."""
-    if mode == "joint":
-        derivative = joint_derivative(trace, guesses)
-        scales = [derivative] * len(guesses)
-    elif mode == "per_layer":
-        scales = per_site_derivatives(trace, guesses)
-    else:
-        raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
-    return tuple(_scale_examples(s, y) for s, y in zip(scales, guesses))
-
-
 def local_parameter_grads(
     fns: ChainFns,
     layer_params: Sequence[Params],
@@ -204,10 +163,10 @@ def normalize_per_example(y: Array) -> Array:
     scale = jnp.where(
         norm > 0, jnp.sqrt(flat.shape[-1]) / jnp.where(norm > 0, norm, 1.0), 0.0
     )
-    return _scale_examples(scale.astype(y.dtype), y)
+    return scale_examples(scale.astype(y.dtype), y)
 
 
-def _scale_examples(scale: Array, y: Array) -> Array:
+def scale_examples(scale: Array, y: Array) -> Array:
     """[B] * [B, ...] -> [B, ...]."""
     return scale.reshape(scale.shape + (1,) * (y.ndim - 1)) * y
 
@@ -327,7 +286,7 @@ def lean_parameter_grads(
                 fns, rule, layer_params, labels, index, site, key, normalize
             )
         )(keys)
-        site_grad = jnp.mean(jax.vmap(_scale_examples)(derivatives, guesses_k), axis=0)
+        site_grad = jnp.mean(jax.vmap(scale_examples)(derivatives, guesses_k), axis=0)
         grad = local_grad(fns.site_fns[index], layer_params[index], x, site_grad)
         if index + 1 < fns.num_sites:
             # Layer l+1 starts only once layer l's update exists, so x_l dies here.

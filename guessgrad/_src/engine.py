@@ -29,13 +29,9 @@ import jax.numpy as jnp
 
 from guessgrad._src import sites as sites_lib
 from guessgrad._src.base import Array, Params
+from guessgrad._src.core import scale_examples
 from guessgrad._src.sharding import explicit_spec, like
 from guessgrad._src.sites import SiteInfo, Structure
-
-
-def scale_examples(scale: Array, y: Array) -> Array:
-    """[B] * [B, ...] -> [B, ...]."""
-    return scale.reshape(scale.shape + (1,) * (y.ndim - 1)) * y
 
 
 def _scale_copies(d: Array, y: Array) -> Array:

@@ -108,7 +108,8 @@ class Problem:
         self.loss_fn = default_loss if loss_fn is None else loss_fn
         self.inputs = default_inputs if inputs is None else inputs
         self.trainable = trainable
-        self._structures: dict = {}
+        self._structures: dict = {}  # input signature and mask -> Structure
+        self._checked_inputs: set = set()
 
     def check_batch(self, batch: Batch) -> None:
         if self.default_loss:
@@ -116,8 +117,8 @@ class Problem:
         elif self.default_inputs:
             core.validate_batch(batch, need_label=False)
 
-    def losses(self, outputs, batch, batch_size=None) -> dict[str, Array]:
-        return sites_lib.normalize_losses(self.loss_fn(outputs, batch), batch_size)
+    def losses(self, outputs, batch) -> dict[str, Array]:
+        return sites_lib.normalize_losses(self.loss_fn(outputs, batch))
 
     def prepare(self, params: Params, batch: Batch, key, *, analyse: bool = True):
         """``(variables, args, rngs, structure or None, Trainable)`` for one call."""
@@ -137,8 +138,8 @@ class Problem:
 
     def check_input(self, variables, args, rngs) -> None:
         """Raises a ValueError when the model cannot take ``args`` (checked abstractly, cached)."""
-        signature = ("input", _signature((variables, args)))
-        if signature in self._structures:
+        signature = _signature((variables, args))
+        if signature in self._checked_inputs:
             return
         try:
             jax.eval_shape(
@@ -161,7 +162,7 @@ class Problem:
             raise ValueError(
                 f"{where}, which the model with these params does not accept: {reason}"
             ) from err
-        self._structures[signature] = True
+        self._checked_inputs.add(signature)
 
     def structure(self, variables, args, batch, rngs, mask) -> sites_lib.Structure:
         signature = (_signature((variables, args, batch)), mask)
@@ -341,10 +342,8 @@ def _exact(problem: Problem):
 
         def loss_fn(part):
             outputs = problem.model.apply(train.rebuild(part), *args, rngs=rngs)
-            losses = problem.losses(outputs, batch)
-            return sum(jnp.mean(v) for v in losses.values()), problem.metrics(
-                outputs, batch, losses
-            )
+            metrics = problem.metrics(outputs, batch, problem.losses(outputs, batch))
+            return metrics["loss"], metrics
 
         return loss_fn, train
 

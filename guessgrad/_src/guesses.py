@@ -142,11 +142,6 @@ class GuessRule(NamedTuple):
     lookahead: int = 1
 
 
-def make_guesses(rule: GuessRule, ctx: GuessContext, key: PRNGKey) -> tuple[Array, ...]:
-    """One guess per site, each from ``jax.random.fold_in(key, l)``."""
-    return tuple(site_guess(rule, ctx, index, key) for index in range(ctx.num_sites))
-
-
 # --- the rules ----------------------------------------------------------------
 
 
@@ -398,7 +393,7 @@ def rule_from(
 
 
 def site_guess(rule: GuessRule, ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-    """The guess at site ``index`` from the per-guess ``key`` (as :func:`make_guesses` draws it)."""
+    """The guess at site ``index`` from the per-guess ``key``: ``fold_in(key, index)`` seeds it."""
     site_key = jax.random.fold_in(key, index)
     if ctx.is_terminal(index):
         return rule.last(ctx, index, site_key)

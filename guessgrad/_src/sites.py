@@ -109,17 +109,19 @@ def _path(module: nn.Module, name: str) -> tuple[tuple[str, ...], str]:
 # submodule's subtree of the same name.
 _PREFIX = "@"
 
+_TRANSFORM_HINT = (
+    "a Flax transform that does not pass guessgrad's collections through (nn.scan "
+    "does: a scanned site would be one stacked [layers, B, ...] value). Unroll those "
+    "layers with a Python loop (nn.remat per layer keeps the memory saving)."
+)
+
 
 def _record(module: nn.Module, collection: str, name: str, value: Array) -> None:
     """Appends ``value`` to the entry of ``name`` (a module called twice leaves two)."""
     scope, key = module.scope, _PREFIX + name
     if not scope.is_mutable_collection(collection):
-        raise ValueError(
-            f"Site or tap {'/'.join(tuple(scope.path) + (name,))!r} sits inside a Flax "
-            f"transform that does not pass guessgrad's collections through (nn.scan does: a "
-            f"scanned site would be one stacked [layers, B, ...] value). Unroll those layers "
-            f"with a Python loop (nn.remat per layer keeps the memory saving)."
-        )
+        where = "/".join(tuple(scope.path) + (name,))
+        raise ValueError(f"Site or tap {where!r} sits inside {_TRANSFORM_HINT}")
     previous = (
         scope.get_variable(collection, key)
         if scope.has_variable(collection, key)
@@ -637,10 +639,8 @@ def analyse(
     lost = [p for p in marks if p not in raw]
     if lost:
         raise ValueError(
-            f"Sites {lost} were marked but their values did not come out of the model: they "
-            f"sit inside a Flax transform that drops guessgrad's collections (nn.scan does: "
-            f"a scanned site would be one stacked [layers, B, ...] value). Unroll those "
-            f"layers with a Python loop (nn.remat per layer keeps the memory saving)."
+            f"Sites {lost} were marked but their values did not come out of the model: "
+            f"they sit inside {_TRANSFORM_HINT}"
         )
     paths = list(marks)  # forward order
     batch_size = marks[paths[0]].shape[0] if marks[paths[0]].shape else None
