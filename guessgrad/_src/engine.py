@@ -60,7 +60,10 @@ def site_estimate(
         copies = sites_lib.copies_of(loss_shapes[name])
         if copies != 1:
             d = d / copies
-        if layout == "copies":
+        if layout.startswith("copies"):
+            k = sites_lib.copy_axes_of(layout)
+            if k is not None:  # the trailing copy axes meet in one site element
+                d = jnp.sum(d.reshape(d.shape[: k + 1] + (-1,)), axis=-1)
             term = _scale_copies(d, y)
             out = term if out is None else out + term
             continue

@@ -401,11 +401,18 @@ def directional(
     return estimate
 
 
-def activation_perturbation(model, **common) -> Estimator:
-    """Activity perturbation: y = eps ~ N(0, I) at every site. Unbiased."""
-    return activation_space(
-        model, rules.rule_from(rules.gaussian_hidden, lookahead=0), **common
-    )
+def activation_perturbation(model, *, mask: bool = False, **common) -> Estimator:
+    """Activity perturbation: y = eps ~ N(0, I) at every site. Unbiased.
+
+    ``mask=True``: y = D eps (eps through the site's activation derivative,
+    the ReLU mask), Ren et al.'s update: the derivative is the same (the loss
+    sees the site through its activation), the estimate is zero where the
+    unit is inactive; still unbiased, less variance.
+    """
+    if not isinstance(mask, bool):
+        raise ValueError(f"mask must be True or False; got {mask!r}.")
+    hidden = rules.masked_gaussian_hidden if mask else rules.gaussian_hidden
+    return activation_space(model, rules.rule_from(hidden, lookahead=0), **common)
 
 
 def wt(model, **common) -> Estimator:

@@ -158,6 +158,16 @@ def gaussian_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
 gaussian_last = gaussian_hidden  # eps ~ N(0, I) at a terminal site (the logits)
 
 
+def masked_gaussian_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+    """``D_l eps``, eps ~ N(0, I): the noise through the site's activation derivative (ReLU mask).
+
+    The directional derivative along ``D_l eps`` equals the one along eps (the
+    loss sees the site through its activation), so the estimate is eps's
+    times ``D_l``: Ren et al.'s masked update, still unbiased.
+    """
+    return ctx.mask(index, normal_like(key, ctx.value(index)))
+
+
 def true_error_last(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
     """The exact per-example loss gradient at a terminal site (``softmax - onehot`` at logits)."""
     del key

@@ -68,6 +68,7 @@ class _Mark:
     shape: tuple[int, ...]
     dtype: Any
     sharding: Any = None  # PartitionSpec on a mesh with Explicit axes, else None
+    copy_axes: int | None = None
 
 
 class _State(threading.local):
@@ -130,7 +131,7 @@ def _record(module: nn.Module, collection: str, name: str, value: Array) -> None
     scope.put_variable(collection, key, previous + (value,))
 
 
-def _mark(module, name, value, *, act, next, feeds, apply_act: bool):
+def _mark(module, name, value, *, act, next, feeds, apply_act: bool, copy_axes=None):
     if _STATE.active:
         module_path, path = _path(module, name)
         if _STATE.recorder is not None:
@@ -147,6 +148,7 @@ def _mark(module, name, value, *, act, next, feeds, apply_act: bool):
                     tuple(jnp.shape(value)),
                     jnp.result_type(value),
                     explicit_spec(value),
+                    copy_axes,
                 ),
             )
         _record(module, SITES, name, value)
@@ -167,6 +169,7 @@ def site(
     act: Callable[[Array], Array] | None = None,
     next: Any = NEXT,
     feeds: str | Sequence[str] | None = None,
+    copy_axes: int | None = None,
 ) -> Array:
     """Marks ``value`` ([B, ...], per example) as a perturbation site; returns ``act(value + 0)``.
 
@@ -184,11 +187,35 @@ def site(
         (relative to this module, or a full path); None to make it terminal.
       feeds: the losses whose derivatives this site's estimate uses; default:
         every loss its value reaches (found from the graph).
+      copy_axes: for losses with copies ``[B, c_1, ..., c_k]`` (Ren et al.'s
+        patch- and group-wise losses): how many leading copy axes this site's
+        layout follows. Element ``[b, i_1, ..., i_j, ...]`` of the site then
+        reaches only the copies ``[b, i_1, ..., i_j, *]``, and its estimate
+        uses their summed derivative (the site's axis ``j`` holds ``c_j``
+        blocks when ``j`` is the last). Default: every copy axis the shapes
+        allow (the site ``[B, P, G * C]`` against copies ``[P, G]``: 2);
+        ``0``: the copies' derivatives summed. Set it when a layer mixes
+        what the shapes would separate (a layer norm across groups: 1).
 
     With no estimator running (``model.init``, ``model.apply``) this is
     exactly ``act(value)``.
     """
-    return _mark(module, name, value, act=act, next=next, feeds=feeds, apply_act=True)
+    if copy_axes is not None and (
+        not isinstance(copy_axes, int) or isinstance(copy_axes, bool) or copy_axes < 0
+    ):
+        raise ValueError(
+            f"copy_axes must be a non-negative integer or None; got {copy_axes!r}."
+        )
+    return _mark(
+        module,
+        name,
+        value,
+        act=act,
+        next=next,
+        feeds=feeds,
+        apply_act=True,
+        copy_axes=copy_axes,
+    )
 
 
 def tap(module: nn.Module, name: str, value: Array) -> Array:
@@ -378,7 +405,9 @@ class SiteInfo:
       feeds: the losses whose derivatives its estimate uses.
       layouts: per fed loss, how the loss's copy axes meet the site's axes:
         ``"example"`` (no copies), ``"copies"`` (copy axes lead the site's
-        axes, one derivative per copy) or ``"summed"`` (copies summed).
+        axes, one derivative per copy), ``"copies[:k]"`` (the site follows the
+        first ``k`` copy axes: the other copies' derivatives summed) or
+        ``"summed"`` (copies summed).
     """
 
     path: str
@@ -582,18 +611,37 @@ def _bits(x: int) -> list[int]:
     return [i for i in range(x.bit_length()) if (x >> i) & 1]
 
 
-def _layout(site_shape, loss_shape) -> str:
+def _layout(site_shape, loss_shape, copy_axes: int | None = None, where: str = "") -> str:
+    """``"example"``, ``"summed"``, ``"copies"`` (every copy axis) or ``"copies[:k]"``."""
     copies = tuple(loss_shape[1:])
     if not copies:
         return "example"
-    k = len(copies)
-    if (
-        len(site_shape) > k
-        and tuple(site_shape[1:k]) == copies[:-1]
-        and site_shape[k] % copies[-1] == 0
-    ):
-        return "copies"
-    return "summed"
+
+    def follows(k: int) -> bool:
+        return (
+            len(site_shape) > k
+            and tuple(site_shape[1:k]) == copies[: k - 1]
+            and site_shape[k] % copies[k - 1] == 0
+        )
+
+    if copy_axes is None:
+        return "copies" if follows(len(copies)) else "summed"
+    if copy_axes == 0:
+        return "summed"
+    if copy_axes > len(copies) or not follows(copy_axes):
+        raise ValueError(
+            f"Site {where!r} of shape {tuple(site_shape)} declares copy_axes={copy_axes}, "
+            f"but a loss it feeds has copies {copies}: the site's axes 1..{copy_axes} "
+            f"must be {copies[:copy_axes]} (the last may hold a multiple of its size)."
+        )
+    return "copies" if copy_axes == len(copies) else f"copies[:{copy_axes}]"
+
+
+def copy_axes_of(layout: str) -> int | None:
+    """The number of copy axes a ``"copies..."`` layout follows (None: all of them)."""
+    if layout == "copies":
+        return None
+    return int(layout[len("copies[:") : -1])
 
 
 def _resolve(name, mark: _Mark, names: Sequence[str], kind: str):
@@ -691,7 +739,9 @@ def analyse(
                 )
             fed = list(mark.feeds)
         target = _target(mark, index, paths, list(taps), reached)
-        layouts = tuple(_layout(mark.shape, losses[n].shape) for n in fed)
+        layouts = tuple(
+            _layout(mark.shape, losses[n].shape, mark.copy_axes, path) for n in fed
+        )
         infos.append(
             SiteInfo(
                 path,
