@@ -141,7 +141,7 @@ class MixerBlock(nn.Module):
     begin_ln: bool = True
     middle_ln: bool = True
     post_linear_ln: bool = True
-    head: str | None = None  # the tap its last site pulls W^T-type guesses from
+    head: Any = NEXT  # what its last site's W^T-type guesses pull from (site's ``next``)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
