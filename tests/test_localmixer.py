@@ -7,6 +7,7 @@ pass written by hand, and compared with the estimator.
 """
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,7 +86,9 @@ def test_replicated_loss_is_the_cross_entropy_and_each_copy_sees_only_its_patch_
 
         value = gg.models.replicated_cross_entropy(x, w, bias, labels)
         assert value.shape == (b, p, g)
-        np.testing.assert_allclose(value, jnp.broadcast_to(ce(x, w, bias)[:, None, None], value.shape))
+        np.testing.assert_allclose(
+            value, jnp.broadcast_to(ce(x, w, bias)[:, None, None], value.shape)
+        )
         # The mean over the copies has the cross-entropy's gradient (reverse mode
         # transposes the copies' forward rule).
         mean = lambda *a: gg.models.replicated_cross_entropy(*a, labels).mean((1, 2))
@@ -111,7 +114,9 @@ def test_replicated_loss_is_the_cross_entropy_and_each_copy_sees_only_its_patch_
         )[1]
         for pi in range(p):
             for gi in range(g):
-                ren = jax.jvp(lambda x: copy_loss(x, w, pi, gi), (x,), (dx,))[1]
+                ren = jax.jvp(
+                    lambda x, pi=pi, gi=gi: copy_loss(x, w, pi, gi), (x,), (dx,)
+                )[1]
                 head = jax.jvp(lambda w: ce(x, w, bias), (w,), (dw,))[1]
                 # Scaled by the number of copies: their mean is the loss's derivative.
                 np.testing.assert_allclose(
@@ -172,7 +177,9 @@ def test_no_tangent_crosses_a_block_boundary():
         block = s.path.split("/")[0]
         assert s.feeds == (f"head_{block.split('_')[1]}",), s
     layouts = {s.path: s.layouts[0] for s in found.sites}
-    assert layouts["block_1/token_mixing"] == "copies[:1]"  # mixes the groups of a patch
+    assert (
+        layouts["block_1/token_mixing"] == "copies[:1]"
+    )  # mixes the groups of a patch
     assert layouts["block_1/channel"] == layouts["block_1/grouped"] == "copies"
 
     # Perturbing block 0's parameters moves block 0's loss and nothing after it.
@@ -313,7 +320,11 @@ def _ren_update(p, batch, key, model):
             q = p[f"block_{k}"]
             inputs, pres = {}, {}
             h = layer_norm(x)
-            names = ["channel", "grouped"] if k == 0 else ["token_mixing", "channel", "grouped"]
+            names = (
+                ["channel", "grouped"]
+                if k == 0
+                else ["token_mixing", "channel", "grouped"]
+            )
             for name in names:
                 if name == "grouped":
                     h = layer_norm(h.reshape(B, h.shape[1], G, -1))
@@ -336,9 +347,12 @@ def _ren_update(p, batch, key, model):
             own = jnp.einsum("bpgc,gck->bpgk", features, w) / features.shape[1]
             copy_logits = own + jax.lax.stop_gradient(logits[:, None, None] - own)
             log_probs = jax.nn.log_softmax(copy_logits)
-            losses[k] = -jnp.take_along_axis(
-                log_probs, labels[:, None, None, None], axis=-1
-            )[..., 0] / B  # Ren divides by the batch size only
+            losses[k] = (
+                -jnp.take_along_axis(log_probs, labels[:, None, None, None], axis=-1)[
+                    ..., 0
+                ]
+                / B
+            )  # Ren divides by the batch size only
             x = jax.lax.stop_gradient(h.reshape(B, h.shape[1], -1))
         return losses, record, x
 
@@ -348,16 +362,21 @@ def _ren_update(p, batch, key, model):
     for k in range(model.blocks):
         shapes += ([(B, P, C)] if k > 0 else []) + [(B, P, C), (B, P, G, C // G)]
     # The estimator's noise: N(0, I) at site i from fold_in(key, i).
-    noise = [jax.random.normal(jax.random.fold_in(key, i), s, jnp.float64) for i, s in enumerate(shapes)]
+    noise = [
+        jax.random.normal(jax.random.fold_in(key, i), s, jnp.float64)
+        for i, s in enumerate(shapes)
+    ]
     zeros = [jnp.zeros_like(n) for n in noise]
-    (losses, record, last), (g, _, _) = jax.jvp(forward, (zeros,), (noise,))
+    (_, record, last), (g, _, _) = jax.jvp(forward, (zeros,), (noise,))
 
     update, index = {}, 0
     for k in range(model.blocks):
         inputs, pres = record[k]
         q = p[f"block_{k}"]
         grads = jax.tree.map(jnp.zeros_like, q)
-        names = ["channel", "grouped"] if k == 0 else ["token_mixing", "channel", "grouped"]
+        names = (
+            ["channel", "grouped"] if k == 0 else ["token_mixing", "channel", "grouped"]
+        )
         for name in names:  # forward order (the pytree came back with sorted keys)
             dz, z = noise[index], pres[name]
             mask = (z > 0).astype(z.dtype)
@@ -365,11 +384,13 @@ def _ren_update(p, batch, key, model):
                 g_ = jnp.sum(g[k], axis=-1)[:, :, None]  # summed over groups: [B, P, 1]
                 grad_z = g_ * dz * mask
             elif name == "channel":
-                grad_z = (g[k][..., None] * (dz * mask).reshape(B, P, G, -1)).reshape(dz.shape)
+                grad_z = (g[k][..., None] * (dz * mask).reshape(B, P, G, -1)).reshape(
+                    dz.shape
+                )
             else:
                 grad_z = g[k][..., None] * dz * mask
             # Layer norm and the linear map by their local VJP (input fixed).
-            _, vjp = jax.vjp(lambda q: maps[name](q, inputs[name]), q)
+            _, vjp = jax.vjp(lambda q, f=maps[name], x=inputs[name]: f(q, x), q)
             grads = jax.tree.map(jnp.add, grads, vjp(grad_z)[0])
             index += 1
         update[f"block_{k}"] = grads
@@ -405,7 +426,9 @@ def test_every_estimator_runs_jitted_on_the_mixer(objective):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(grads)), name
         assert np.isfinite(metrics["loss"]), name
         for k in range(model.blocks):
-            assert np.abs(grads["params"][f"block_{k}"]["channel"]["kernel"]).max() > 0, name
+            assert (
+                np.abs(grads["params"][f"block_{k}"]["channel"]["kernel"]).max() > 0
+            ), name
 
 
 def test_bad_configurations_name_the_valid_choices():
@@ -418,4 +441,30 @@ def test_bad_configurations_name_the_valid_choices():
     with pytest.raises(ValueError, match="tiny, S/1/1, M/1/16, M/8/16"):
         gg.models.local_mixer("L/32/64", 10)
     with pytest.raises(ValueError, match="divisible by 4"):
-        gg.models.local_mixer("tiny", 10).init(jax.random.key(0), jnp.zeros((1, 30, 30, 1)))
+        gg.models.local_mixer("tiny", 10).init(
+            jax.random.key(0), jnp.zeros((1, 30, 30, 1))
+        )
+
+
+def test_directional_takes_only_the_losses_each_parameter_reaches():
+    """LG-FG-W block-wise: (grad L_k . v) v for block k, with one v over every parameter."""
+    model, params, batch = small()
+    key = jax.random.key(4)
+    got = estimate("directional", model, params, batch, key)
+    flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+    tangent = unravel(jax.random.normal(key, flat_params.shape))
+
+    def mean_losses(p):
+        losses = model.apply(p, batch["image"], batch["label"])
+        return {name: jnp.mean(v) for name, v in losses.items()}
+
+    derivative = jax.jvp(mean_losses, (params,), (tangent,))[1]
+    for name, leaves in tangent["params"].items():
+        loss = name.replace("block_", "head_")  # a block and its head feed its head's loss
+        jax.tree.map(
+            lambda a, b, d=derivative[loss]: np.testing.assert_allclose(
+                a, d * b, rtol=1e-5, atol=1e-7
+            ),
+            got["params"][name],
+            leaves,
+        )

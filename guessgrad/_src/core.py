@@ -232,8 +232,7 @@ def _lean_guess(fns, rule, layer_params, labels, index, site, key, normalize):
 
     key = _after(key, site)  # the noise is drawn once the site exists
     ctx = _window_context(fns, rule, layer_params, labels, index, site)
-    guess = guesses.site_guess(rule, ctx, index, key)
-    return normalize_per_example(guess) if normalize else guess
+    return guesses.site_guess(rule, ctx, index, key, normalize)
 
 
 def _loss(labels, loss_of):

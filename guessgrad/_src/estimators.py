@@ -266,10 +266,9 @@ def activation_space(
 
         def one_estimate(guess_key):
             guesses = {
-                s.path: rules.site_guess(rule, ctx, s.index, guess_key) for s in active
+                s.path: rules.site_guess(rule, ctx, s.index, guess_key, normalize)
+                for s in active
             }
-            if normalize:
-                guesses = {p: core.normalize_per_example(y) for p, y in guesses.items()}
             return engine.site_gradients(ctx, guesses, mode)
 
         site_grads = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
@@ -334,20 +333,35 @@ def _lean(problem: Problem, rule, num_guesses: int, normalize: bool) -> Estimato
     return estimate
 
 
-def _exact(problem: Problem):
-    """``(params, batch, key) -> (loss_fn of the trainable part, Trainable)``."""
+def _exact(problem: Problem, *, analyse: bool = False):
+    """``(params, batch, key) -> (loss_fn of the trainable part, Trainable[, Structure])``."""
 
     def setup(params, batch, key):
-        _, args, rngs, _, train = problem.prepare(params, batch, key, analyse=False)
+        _, args, rngs, structure, train = problem.prepare(
+            params, batch, key, analyse=analyse
+        )
 
         def loss_fn(part):
             outputs = problem.model.apply(train.rebuild(part), *args, rngs=rngs)
             metrics = problem.metrics(outputs, batch, problem.losses(outputs, batch))
             return metrics["loss"], metrics
 
-        return loss_fn, train
+        return (loss_fn, train, structure) if analyse else (loss_fn, train)
 
     return setup
+
+
+def losses_reached(structure: sites_lib.Structure) -> tuple[tuple[str, ...], ...]:
+    """Per parameter leaf, the losses it reaches: its sites' ``feeds``, or the loss it meets first."""
+    feeds = {s.path: s.feeds for s in structure.sites}
+    reached = []
+    for owners in structure.owners:
+        names: set[str] = set()
+        for owner in owners:
+            kind, name = owner.split(":", 1)
+            names.update(feeds[name] if kind == "site" else (name,))
+        reached.append(tuple(sorted(names)))
+    return tuple(reached)
 
 
 # --- the estimators (registry entries) -----------------------------------------
@@ -378,21 +392,42 @@ def directional(
 
     One v per guess, shared by the whole batch; unbiased. ``normalize`` rescales
     v to norm ``sqrt(N)`` (uniform on the sphere: still unbiased). Frozen
-    parameters are not perturbed (their estimate is exactly zero).
+    parameters are not perturbed (their estimate is exactly zero). With
+    several losses (local losses) each parameter takes the derivative of only
+    the losses it reaches (found from the graph, as :func:`guessgrad.structure`
+    reports), ``sum_k (grad L_k . v) v``: still unbiased, without the other
+    blocks' derivatives as noise (Ren et al.'s LG-FG-W, block-wise).
     """
     _check_common(num_guesses, "joint")
-    setup = _exact(Problem(model, loss_fn, inputs, trainable))
+    problem = Problem(model, loss_fn, inputs, trainable)
+    setup = _exact(problem, analyse=True)
 
     def estimate(params, batch, key):
-        loss, train = setup(params, batch, key)
+        loss, train, structure = setup(params, batch, key)
         flat, unravel = ravel_pytree(train.part)
+        names = list(structure.losses)
+        reached = [
+            r for r, m in zip(losses_reached(structure), structure.trainable) if m
+        ]
 
         def one_estimate(guess_key):
             v = jax.random.normal(guess_key, flat.shape, flat.dtype)
             if normalize:
                 v = v * jnp.sqrt(v.size) / jnp.linalg.norm(v)
-            (_, metrics), (derivative, _) = jax.jvp(loss, (train.part,), (unravel(v),))
-            return derivative * v, metrics
+            tangent = unravel(v)
+            (_, metrics), (derivative, per_loss) = jax.jvp(
+                loss, (train.part,), (tangent,)
+            )
+            if len(names) == 1:
+                return derivative * v, metrics
+            leaves, treedef = jax.tree.flatten(tangent)
+            local = [
+                sum(per_loss[f"loss/{n}"] for n in r) * leaf
+                if r
+                else jnp.zeros_like(leaf)
+                for r, leaf in zip(reached, leaves)
+            ]
+            return ravel_pytree(jax.tree.unflatten(treedef, local))[0], metrics
 
         estimates, metrics = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
         grads = unravel(jnp.mean(estimates, axis=0))
@@ -404,15 +439,18 @@ def directional(
 def activation_perturbation(model, *, mask: bool = False, **common) -> Estimator:
     """Activity perturbation: y = eps ~ N(0, I) at every site. Unbiased.
 
-    ``mask=True``: y = D eps (eps through the site's activation derivative,
-    the ReLU mask), Ren et al.'s update: the derivative is the same (the loss
-    sees the site through its activation), the estimate is zero where the
-    unit is inactive; still unbiased, less variance.
+    ``mask=True``: y = D eps (eps, normalised when ``normalize``, through the
+    site's activation derivative: the ReLU mask), Ren et al.'s update: the
+    derivative is the same (the loss sees the site through its activation),
+    the estimate is zero where the unit is inactive; still unbiased, less
+    variance.
     """
     if not isinstance(mask, bool):
-        raise ValueError(f"mask must be True or False; got {mask!r}.")
-    hidden = rules.masked_gaussian_hidden if mask else rules.gaussian_hidden
-    return activation_space(model, rules.rule_from(hidden, lookahead=0), **common)
+        raise TypeError(f"mask must be True or False; got {mask!r}.")
+    rule = rules.rule_from(
+        rules.gaussian_hidden, last=rules.gaussian_last, lookahead=0, mask_after=mask
+    )
+    return activation_space(model, rule, **common)
 
 
 def wt(model, **common) -> Estimator:

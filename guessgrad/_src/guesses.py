@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from guessgrad._src.base import Array, Params, PRNGKey
+from guessgrad._src.core import normalize_per_example
 from guessgrad._src.models import ChainFns
 from guessgrad._src.sharding import explicit_spec, like, like_batch
 
@@ -140,6 +141,9 @@ class GuessRule(NamedTuple):
     last: LastRule
     needs_label: bool = False
     lookahead: int = 1
+    # Pass every guess through the site's activation derivative D_l after any
+    # normalisation (Ren et al.'s ReLU mask on activity perturbation).
+    mask_after: bool = False
 
 
 # --- the rules ----------------------------------------------------------------
@@ -156,16 +160,6 @@ def gaussian_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
 
 
 gaussian_last = gaussian_hidden  # eps ~ N(0, I) at a terminal site (the logits)
-
-
-def masked_gaussian_hidden(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-    """``D_l eps``, eps ~ N(0, I): the noise through the site's activation derivative (ReLU mask).
-
-    The directional derivative along ``D_l eps`` equals the one along eps (the
-    loss sees the site through its activation), so the estimate is eps's
-    times ``D_l``: Ren et al.'s masked update, still unbiased.
-    """
-    return ctx.mask(index, normal_like(key, ctx.value(index)))
 
 
 def true_error_last(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
@@ -396,18 +390,41 @@ def rule_from(
     last: LastRule = gaussian_last,
     needs_label: bool = False,
     lookahead: int = 1,
+    mask_after: bool = False,
 ) -> GuessRule:
     return GuessRule(
-        hidden=hidden, last=last, needs_label=needs_label, lookahead=lookahead
+        hidden=hidden,
+        last=last,
+        needs_label=needs_label,
+        lookahead=lookahead,
+        mask_after=mask_after,
     )
 
 
-def site_guess(rule: GuessRule, ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-    """The guess at site ``index`` from the per-guess ``key``: ``fold_in(key, index)`` seeds it."""
+def site_guess(
+    rule: GuessRule,
+    ctx: GuessContext,
+    index: int,
+    key: PRNGKey,
+    normalize: bool = False,
+) -> Array:
+    """The guess at site ``index`` from the per-guess ``key``: ``fold_in(key, index)`` seeds it.
+
+    ``normalize`` rescales each example's guess to norm ``sqrt(size)``
+    (:func:`guessgrad._src.core.normalize_per_example`); a ``mask_after`` rule's
+    guess then goes through ``D_l``, so masking keeps an isotropic guess
+    unbiased: ``E[D eps eps^T D] = D D``.
+    """
     site_key = jax.random.fold_in(key, index)
     if ctx.is_terminal(index):
-        return rule.last(ctx, index, site_key)
-    return rule.hidden(ctx, index, site_key)
+        guess = rule.last(ctx, index, site_key)
+    else:
+        guess = rule.hidden(ctx, index, site_key)
+    if normalize:
+        guess = normalize_per_example(guess)
+    if rule.mask_after:
+        guess = ctx.mask(index, guess)
+    return guess
 
 
 def context(

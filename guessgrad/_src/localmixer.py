@@ -141,7 +141,9 @@ class MixerBlock(nn.Module):
     begin_ln: bool = True
     middle_ln: bool = True
     post_linear_ln: bool = True
-    head: Any = NEXT  # what its last site's W^T-type guesses pull from (site's ``next``)
+    head: Any = (
+        NEXT  # what its last site's W^T-type guesses pull from (site's ``next``)
+    )
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -154,9 +156,9 @@ class MixerBlock(nn.Module):
             # Token mixing over the P axis, one map for every channel; its
             # layer norm runs over the channels of each patch, so an element
             # reaches every group of its patch: copy_axes=1.
-            mixed = nn.Dense(
-                patches, kernel_init=ren_normal, name="token_mixing"
-            )(jnp.swapaxes(h, 1, 2))
+            mixed = nn.Dense(patches, kernel_init=ren_normal, name="token_mixing")(
+                jnp.swapaxes(h, 1, 2)
+            )
             h = site(
                 self,
                 "token_mixing",

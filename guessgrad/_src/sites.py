@@ -611,7 +611,9 @@ def _bits(x: int) -> list[int]:
     return [i for i in range(x.bit_length()) if (x >> i) & 1]
 
 
-def _layout(site_shape, loss_shape, copy_axes: int | None = None, where: str = "") -> str:
+def _layout(
+    site_shape, loss_shape, copy_axes: int | None = None, where: str = ""
+) -> str:
     """``"example"``, ``"summed"``, ``"copies"`` (every copy axis) or ``"copies[:k]"``."""
     copies = tuple(loss_shape[1:])
     if not copies:
