@@ -195,7 +195,9 @@ class LocalMixer(nn.Module):
       begin_ln, middle_ln, post_linear_ln, inter_ln, last_layer_ln: Ren et
         al.'s layer-norm placements (block input; before the channel and
         grouped maps; after every linear map; before each head; before the
-        readout). All on by default, as in their CIFAR-10 runs.
+        readout). All on by default, as in the reference code's supervised
+        configuration (its flags default them off; parameter counts do not
+        depend on them: no affine parameters).
 
     ``__call__(images, labels=None)``: images ``[B, H, W, C]``. Without labels,
     the readout's logits ``[B, num_classes]``; with labels, the per-example
