@@ -614,10 +614,11 @@ def test_readme_your_own_model_examples_run(capsys):
     runnable = [
         b for b in blocks if "import guessgrad as gg" in b or "mark_outputs(" in b
     ]
-    assert len(runnable) == 4
+    assert len(runnable) == 5
     namespace = {}
     for block in runnable:
         exec(re.sub(r"range\(\d+\)", "range(3)", block), namespace)  # noqa: S102
     printed = capsys.readouterr().out
     assert "(terminal: output guess)" in printed and "exact local gradient" in printed
     assert "the backbone did not move: True" in printed
+    assert "head_1 (copies[:1])" in printed  # the LocalMixer's token-mixing site
