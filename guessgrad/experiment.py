@@ -1,9 +1,12 @@
-"""Training an MLP with any gradient estimator: the logic behind ``python -m experiments.mlp``.
+"""One training loop for every experiment: the logic behind ``python -m experiments.*``.
 
-:func:`run` trains one method and writes everything it measured to a work
-directory:
+An experiment is a model (a :class:`ModelSpec`: :class:`MLPSpec`,
+:class:`LocalMixerSpec`) trained with a gradient estimator on an image
+classification data set. :func:`run` trains one method and writes everything
+it measured to a work directory:
 
-* ``config.json``: the full configuration, with the estimator's resolved options;
+* ``config.json``: the full configuration (the model spec with its ``kind``),
+  with the estimator's resolved options;
 * ``metrics.jsonl``: one JSON object per line, ``{"kind": "train", ...}`` with
   the mean batch loss every ``log_every`` steps and ``{"kind": "eval", ...}``
   with train and test loss and accuracy at each evaluation;
@@ -13,10 +16,16 @@ directory:
   saved at each evaluation (the last ``keep_checkpoints`` kept) and on Ctrl-C.
 
 A run is a pure function of its configuration: the batch of step ``t`` is cut
-from ``(data key, t)`` and the estimator's key is ``fold_in(key, t)``, so
-resuming from a checkpoint gives exactly the parameters an uninterrupted run
-would have. :func:`compare` runs several methods on the same data and seed
-and tabulates them. Nothing here needs absl.
+from ``(data key, t)``, the estimator's key is ``fold_in(key, t)`` and the
+augmentation's (``augment=True``) is split from it, so resuming from a
+checkpoint gives exactly the parameters an uninterrupted run would have.
+:func:`compare` runs several methods on the same data and seed and tabulates
+them. Nothing here needs absl.
+
+A new architecture is one more :class:`ModelSpec` subclass: a frozen
+dataclass of its settings that says how to build the Flax module, whether it
+takes flattened images, which arguments the estimator needs to train it
+(``loss_fn``, ``inputs``), and how to name it.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import platform
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +63,8 @@ COMPARE_MD = "compare.md"
 _IDENTITY_FIELDS = (
     "method",
     "dataset",
-    "depth",
-    "width",
+    "model",
+    "augment",
     "optimizer",
     "learning_rate",
     "batch_size",
@@ -63,6 +72,169 @@ _IDENTITY_FIELDS = (
 )
 # Longest wait between progress-bar refreshes (each one is a host sync).
 _REFRESH_SECONDS = 1.0
+
+
+# --- architectures ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """An architecture to train: its settings, and how the runner builds and trains it.
+
+    Subclasses are frozen dataclasses of JSON-able settings, registered in
+    :data:`MODEL_SPECS` under their ``kind``. Class attributes:
+
+    * ``kind``: the architecture's name (``"mlp"``, ``"localmixer"``), stored
+      in config.json next to the settings;
+    * ``flatten``: whether the model takes images flattened to ``[B, H*W*C]``
+      (else ``[B, H, W, C]``).
+    """
+
+    kind: ClassVar[str] = ""
+    flatten: ClassVar[bool] = False
+
+    def build(self, num_classes: int):
+        """The Flax module. ``apply(params, images)`` must return logits ``[B, num_classes]``."""
+        raise NotImplementedError
+
+    def estimator_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``gg.build_estimator`` besides the options (``loss_fn``, ``inputs``)."""
+        return {}
+
+    @property
+    def label(self) -> str:
+        """A human-readable name, e.g. ``"MLP 3x128"``, for titles and results."""
+        raise NotImplementedError
+
+    @property
+    def slug(self) -> str:
+        """A short file-name-safe name for default work directories."""
+        raise NotImplementedError
+
+    def validate(self, image_shape: Sequence[int] | None = None) -> None:
+        """Raises a ValueError naming what is wrong and the valid choices.
+
+        With ``image_shape`` (``(H, W, C)``), also checks that the
+        architecture takes images of that shape.
+        """
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"kind": ..., **settings}``, as config.json stores it."""
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPSpec(ModelSpec):
+    """``gg.models.MLP``: ``depth`` linear layers (``width`` hidden units) with ReLU between."""
+
+    kind: ClassVar[str] = "mlp"
+    flatten: ClassVar[bool] = True
+
+    depth: int = 3
+    width: int = 128
+
+    def build(self, num_classes: int):
+        return gg.models.MLP(
+            depth=self.depth, width=self.width, num_classes=num_classes
+        )
+
+    @property
+    def label(self) -> str:
+        return f"MLP {self.depth}x{self.width}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.depth}x{self.width}"
+
+    def validate(self, image_shape: Sequence[int] | None = None) -> None:
+        _check_positive("depth", self.depth)
+        _check_positive("width", self.width)
+
+
+# LocalMixer objectives (Ren et al. 2022): "global", one loss at the readout
+# (backprop through it is their BP); "local", per-block losses with a
+# stop_gradient between blocks (L-BP with backprop); "local_greedy", per-block
+# losses replicated per patch and channel group (LG-*).
+LOCALMIXER_OBJECTIVES: tuple[str, ...] = tuple(gg.models.OBJECTIVES)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalMixerSpec(ModelSpec):
+    """``gg.models.local_mixer(config, num_classes, objective=...)``: Ren et al.'s LocalMixer.
+
+    Attributes:
+      config: a named configuration, a key of ``gg.models.LOCALMIXER_CONFIGS``.
+      objective: one of :data:`LOCALMIXER_OBJECTIVES`.
+    """
+
+    kind: ClassVar[str] = "localmixer"
+    flatten: ClassVar[bool] = False
+
+    config: str = "tiny"
+    objective: str = "local_greedy"
+
+    def build(self, num_classes: int):
+        return gg.models.local_mixer(self.config, num_classes, objective=self.objective)
+
+    def estimator_args(self) -> dict[str, Any]:
+        return dict(gg.models.local_mixer_args())
+
+    @property
+    def label(self) -> str:
+        return f"LocalMixer {self.config} ({self.objective})"
+
+    @property
+    def slug(self) -> str:
+        return f"localmixer-{self.config.replace('/', '-')}-{self.objective}"
+
+    def validate(self, image_shape: Sequence[int] | None = None) -> None:
+        configs = gg.models.LOCALMIXER_CONFIGS
+        if self.config not in configs:
+            raise ValueError(
+                f"Unknown LocalMixer configuration {self.config!r}; valid names: "
+                f"{', '.join(configs)}."
+            )
+        if self.objective not in LOCALMIXER_OBJECTIVES:
+            raise ValueError(
+                f"Unknown LocalMixer objective {self.objective!r}; valid names: "
+                f"{', '.join(LOCALMIXER_OBJECTIVES)}."
+            )
+        if image_shape is not None:
+            patches = configs[self.config]["patches"]
+            height, width = image_shape[:2]
+            if height % patches or width % patches:
+                fits = [
+                    n
+                    for n, c in configs.items()
+                    if not (height % c["patches"] or width % c["patches"])
+                ]
+                raise ValueError(
+                    f"LocalMixer {self.config} cuts images into a {patches}x{patches} patch grid, "
+                    f"which does not divide {height}x{width} images; configurations that fit: "
+                    f"{', '.join(fits) or 'none'}."
+                )
+
+
+MODEL_SPECS: dict[str, type[ModelSpec]] = {"mlp": MLPSpec, "localmixer": LocalMixerSpec}
+
+
+def model_spec_from_json(record: Mapping[str, Any]) -> ModelSpec:
+    """The inverse of :meth:`ModelSpec.to_json`."""
+    settings = dict(record)
+    kind = settings.pop("kind", None)
+    if kind not in MODEL_SPECS:
+        raise ValueError(
+            f"Unknown model kind {kind!r}; valid kinds: {', '.join(MODEL_SPECS)}."
+        )
+    return MODEL_SPECS[kind](**settings)
+
+
+# --- configuration -------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +245,7 @@ class Config:
       method: estimator name, a key of ``guessgrad.ESTIMATORS``.
       dataset: a name in ``guessgrad.data.DATASETS``.
       data_dir: tfds data directory (unused for the packaged ``mnist10k``).
-      depth: linear layers of the MLP.
-      width: hidden units per layer.
+      model: the architecture, a :class:`ModelSpec` (default a 3x128 MLP).
       optimizer: a key of ``guessgrad.OPTIMIZERS``.
       learning_rate: the optimiser's step size.
       batch_size: training examples per step.
@@ -86,10 +257,14 @@ class Config:
       train_eval_examples: train accuracy is measured on the first this many
         training examples.
       eval_batch_size: examples per evaluation batch.
+      augment: random crops (padding 4) and horizontal flips of the training
+        images, on device inside the step (``guessgrad.data.augment``). Flips
+        are wrong for digits: leave it off for them.
       options: keyword options of the estimator (e.g. ``{"num_guesses": 4}``);
         options left out take the estimator's defaults.
-      seed: seeds initialisation, data order and guesses.
-      workdir: output directory; default ``runs/<dataset>-<method>-<depth>x<width>-seed<seed>``.
+      seed: seeds initialisation, data order, augmentation and guesses.
+      workdir: output directory; default
+        ``runs/<dataset>-<method>-<model slug>-seed<seed>``.
       resume: continue from the workdir's last checkpoint. Without it a workdir
         holding checkpoints is refused.
       stop_after: stop (with a checkpoint) once this many steps are done,
@@ -101,8 +276,7 @@ class Config:
     method: str = DEFAULT_METHOD
     dataset: str = data.DEFAULT_DATASET
     data_dir: str | None = None
-    depth: int = 3
-    width: int = 128
+    model: ModelSpec = MLPSpec()
     optimizer: str = "adamw"
     learning_rate: float = DEFAULT_LEARNING_RATE
     batch_size: int = 128
@@ -112,6 +286,7 @@ class Config:
     log_every: int = 100
     train_eval_examples: int = 2000
     eval_batch_size: int = 1000
+    augment: bool = False
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     workdir: str | None = None
@@ -135,12 +310,9 @@ class Interrupted(KeyboardInterrupt):
         self.workdir = workdir
 
 
-# --- configuration ---------------------------------------------------------------
-
-
 def default_workdir(config: Config, label: str | None = None) -> str:
-    """``runs/<dataset>-<label or method>-<depth>x<width>-seed<seed>``."""
-    name = f"{config.dataset}-{label or config.method}-{config.depth}x{config.width}-seed{config.seed}"
+    """``runs/<dataset>-<label or method>-<model slug>-seed<seed>``."""
+    name = f"{config.dataset}-{label or config.method}-{config.model.slug}-seed{config.seed}"
     return os.path.join("runs", name)
 
 
@@ -170,44 +342,54 @@ def options_for(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
 def validate(config: Config) -> None:
     """Raises a ValueError saying what is wrong with ``config`` and what is valid.
 
+    (A TypeError for a ``model`` that is no ModelSpec or a non-bool ``augment``.)
     Checks the method, optimizer and data set names against their registries,
+    the model spec (its settings, and that it takes the data set's images),
     the estimator options (names and values), and every size and count.
     """
     for name in (
-        "depth",
-        "width",
         "batch_size",
         "epochs",
         "eval_every",
         "log_every",
         "keep_checkpoints",
+        "train_eval_examples",
+        "eval_batch_size",
     ):
         _check_positive(name, getattr(config, name))
-    _check_positive("train_eval_examples", config.train_eval_examples)
-    _check_positive("eval_batch_size", config.eval_batch_size)
     if config.steps is not None:
         _check_positive("steps", config.steps)
     if config.stop_after is not None:
         _check_positive("stop_after", config.stop_after)
+    if not isinstance(config.augment, bool):
+        raise TypeError(f"augment must be True or False; got {config.augment!r}.")
     if config.dataset not in data.DATASETS:
         raise ValueError(
             f"Unknown data set {config.dataset!r}; valid names: {', '.join(data.DATASETS)}."
         )
+    if not isinstance(config.model, ModelSpec):
+        raise TypeError(
+            f"model must be a ModelSpec ({', '.join(c.__name__ for c in MODEL_SPECS.values())}); "
+            f"got {config.model!r}."
+        )
+    config.model.validate(data.image_shape(config.dataset))
     gg.make_optimizer(config.optimizer, config.learning_rate)
-    # Builds (without running) the estimator: checks the name, option names and option values.
-    gg.build_estimator(
-        config.method, _model(config, num_classes=10), **dict(config.options)
-    )
+    # Builds (without running) the estimator: checks the name, option names and
+    # option values, and options the model cannot take.
+    try:
+        _estimator(config, data.num_classes(config.dataset))
+    except TypeError as err:
+        raise ValueError(str(err)) from err
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-
-
-def _model(config: Config, num_classes: int) -> gg.models.MLP:
-    return gg.models.MLP(
-        depth=config.depth, width=config.width, num_classes=num_classes
+def _estimator(config: Config, num_classes: int):
+    """The estimator of ``config`` for its model, ``(params, batch, key) -> (grads, metrics)``."""
+    spec = config.model
+    return gg.build_estimator(
+        config.method,
+        spec.build(num_classes),
+        **spec.estimator_args(),
+        **dict(config.options),
     )
 
 
@@ -465,11 +647,10 @@ def _prepare_workdir(config: Config, workdir: str) -> list[int]:
     if steps:
         saved_record = _load_json(os.path.join(workdir, CONFIG_FILE))
         saved = _identity(
-            saved_record.get("config", {}), saved_record.get("estimator_options", {})
+            _upgrade(saved_record.get("config", {})),
+            saved_record.get("estimator_options", {}),
         )
-        mine = _identity(
-            _jsonable(dataclasses.asdict(config)), resolved_options(config)
-        )
+        mine = _identity(config_record(config), resolved_options(config))
         differ = [f for f in mine if f in saved and saved[f] != mine[f]]
         if differ:
             details = "; ".join(
@@ -492,6 +673,23 @@ def _identity(
     return {f: config.get(f) for f in _IDENTITY_FIELDS} | {
         "estimator_options": _jsonable(dict(estimator_options))
     }
+
+
+def _upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A config.json record written before model specs: ``depth``/``width`` were an MLP's."""
+    record = dict(record)
+    if "model" not in record and "depth" in record and "width" in record:
+        record["model"] = MLPSpec(record.pop("depth"), record.pop("width")).to_json()
+    record.setdefault("augment", False)
+    return record
+
+
+def config_record(config: Config) -> dict[str, Any]:
+    """``config`` as JSON-able data, as config.json stores it (the model spec with its kind)."""
+    record = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    record["model"] = config.model.to_json()
+    record["options"] = dict(config.options)
+    return _jsonable(record)
 
 
 def resolved_options(config: Config) -> dict[str, Any]:
@@ -537,14 +735,16 @@ def run(config: Config) -> dict[str, Any]:
     saved_steps = _prepare_workdir(config, workdir)
 
     dataset = data.load(config.dataset, config.data_dir)
-    model = _model(config, dataset.num_classes)
+    spec = config.model
+    model = spec.build(dataset.num_classes)
     init_key, data_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
     loader = data.Loader(
         dataset.train_images,
         dataset.train_labels,
         config.batch_size,
         data_key,
-        flatten=True,
+        # Augmentation crops and flips [B, H, W, C] images; it flattens after.
+        flatten=spec.flatten and not config.augment,
         sharding=parallel.batch_sharding(mesh),
     )
     num_train_eval = min(config.train_eval_examples, len(dataset.train_labels))
@@ -562,14 +762,18 @@ def run(config: Config) -> dict[str, Any]:
         num_steps if config.stop_after is None else min(config.stop_after, num_steps)
     )
 
-    optimizer = gg.make_optimizer(config.optimizer, config.learning_rate)
-    estimator = gg.build_estimator(config.method, model, **dict(config.options))
-    params = model.init(init_key, loader.batch(0)["image"])
+    optimizer, train_step = _train_step(config, dataset.num_classes, mesh)
+    init_images = loader.batch(0)["image"]
+    if spec.flatten:
+        init_images = init_images.reshape(init_images.shape[0], -1)
+    params = model.init(init_key, init_images)
     # Replicated over the mesh (the batch is sharded over it): data parallel on
     # every local device, and over hosts under jax.distributed.
-    state = parallel.replicate(gg.init_train_state(params, optimizer, train_key), mesh)
-    train_step = parallel.make_parallel_train_step(estimator, optimizer, mesh)
+    state = _place(gg.init_train_state(params, optimizer, train_key), mesh)
     eval_fn = make_eval_fn(model)
+    # Trace the step before anything is written: what an estimator refuses only
+    # on seeing the model and batch fails here. The step's first call reuses the trace.
+    jax.eval_shape(train_step.jitted, state, loader.batch(0))
 
     os.makedirs(workdir, exist_ok=True)
     metrics_path = os.path.join(workdir, METRICS_FILE)
@@ -579,7 +783,7 @@ def run(config: Config) -> dict[str, Any]:
     elapsed_before, window = 0.0, []
     if saved_steps:
         state, meta = _restore_checkpoint(manager, state)
-        state = parallel.replicate(state, mesh)
+        state = _place(state, mesh)
         elapsed_before = float(meta["elapsed_s"])
         window = [(int(s), np.float32(x)) for s, x in meta["window_losses"]]
         _truncate_metrics(metrics_path, int(state.step))
@@ -597,7 +801,7 @@ def run(config: Config) -> dict[str, Any]:
     _write_json(
         os.path.join(workdir, CONFIG_FILE),
         {
-            "config": _jsonable(dataclasses.asdict(config)) | {"workdir": workdir},
+            "config": config_record(config) | {"workdir": workdir},
             "estimator_options": options,
             "total_steps": num_steps,
             "steps_per_epoch": loader.steps_per_epoch,
@@ -729,7 +933,9 @@ def run(config: Config) -> dict[str, Any]:
         "status": "done",
         "method": config.method,
         "dataset": config.dataset,
-        "model": f"MLP {config.depth}x{config.width}",
+        "model": config.model.label,
+        "model_spec": config.model.to_json(),
+        "augment": config.augment,
         "optimizer": config.optimizer,
         "learning_rate": config.learning_rate,
         "estimator_options": options,
@@ -747,13 +953,85 @@ def run(config: Config) -> dict[str, Any]:
         **device_info(),
     }
     _write_json(os.path.join(workdir, RESULTS_FILE), results)
-    title = f"{config.method} on {config.dataset}, MLP {config.depth}x{config.width}, {config.optimizer} lr={config.learning_rate:g}"
+    title = f"{config.method} on {config.dataset}, {_model_title(config)}, {config.optimizer} lr={config.learning_rate:g}"
     plot_curves(records, os.path.join(workdir, CURVES_FILE), title)
     print(format_table([results]))
     print(
         f"[{config.method}] results in {workdir}: {CONFIG_FILE}, {METRICS_FILE}, {RESULTS_FILE}, {CURVES_FILE}"
     )
     return results
+
+
+def _model_title(config: Config) -> str:
+    return config.model.label + (", augmented" if config.augment else "")
+
+
+def _train_step(config: Config, num_classes: int, mesh):
+    """``(optimizer, data-parallel train step)`` of ``config``, shared by runs that compute the same step.
+
+    Runs in one process with the same method, options, model, optimiser and
+    augmentation (a resumed run, a test's reruns) reuse one compiled step.
+    """
+    key = (
+        config.method,
+        tuple(sorted(dict(config.options).items())),
+        config.model,
+        num_classes,
+        config.optimizer,
+        config.learning_rate,
+        config.augment,
+        mesh,
+    )
+    try:
+        hash(key)
+    except TypeError:  # an unhashable option value: build it afresh
+        return _build_train_step(*key)
+    return _cached_train_step(*key)
+
+
+def _build_train_step(
+    method, options, spec, num_classes, optimizer_name, learning_rate, augment, mesh
+):
+    optimizer = gg.make_optimizer(optimizer_name, learning_rate)
+    estimator = gg.build_estimator(
+        method, spec.build(num_classes), **spec.estimator_args(), **dict(options)
+    )
+    if augment:
+        estimator = _augmented(estimator, flatten=spec.flatten)
+    return optimizer, parallel.make_parallel_train_step(estimator, optimizer, mesh)
+
+
+_cached_train_step = functools.lru_cache(maxsize=8)(_build_train_step)
+
+
+def _place(state: gg.TrainState, mesh) -> gg.TrainState:
+    """``state`` replicated over ``mesh``, typed exactly as the train step's outputs.
+
+    ``parallel.replicate`` alone gives arrays whose type lacks the mesh that
+    the step's outputs carry, so the step's second call would compile it
+    again; a jitted identity with the step's output sharding gives the same
+    type (and the same values).
+    """
+    state = parallel.replicate(state, mesh)
+    return jax.jit(lambda s: s, out_shardings=parallel.replicated(mesh))(state)
+
+
+def _augmented(estimator, *, flatten: bool):
+    """``estimator`` on randomly cropped and flipped images (``data.augment``), inside the step.
+
+    The step's key is split: one half draws the augmentation, the other goes
+    to the estimator. Images are flattened after augmenting when the model
+    takes them flat.
+    """
+
+    def estimate(params, batch, key):
+        aug_key, estimator_key = jax.random.split(key)
+        images = data.augment(batch["image"], aug_key)
+        if flatten:
+            images = images.reshape(images.shape[0], -1)
+        return estimator(params, {**batch, "image": images}, estimator_key)
+
+    return estimate
 
 
 def _eval_loader(
@@ -769,7 +1047,7 @@ def _eval_loader(
         labels,
         batch_size,
         None,
-        flatten=True,
+        flatten=config.model.flatten,
         shuffle=False,
         drop_remainder=False,
         sharding=parallel.batch_sharding(mesh),
@@ -858,12 +1136,12 @@ def compare(config: Config, methods: Sequence[str]) -> list[dict[str, Any]]:
             {key: results[key] for _, key, _ in _COLUMNS}
             | {"workdir": results["workdir"]}
         )
-    config_record = _jsonable(dataclasses.asdict(config)) | {"workdir": workdir}
+    record = config_record(config) | {"workdir": workdir}
     _write_json(
         os.path.join(workdir, COMPARE_JSON),
-        {"config": config_record, "methods": methods, "rows": rows},
+        {"config": record, "methods": methods, "rows": rows},
     )
-    title = f"{config.dataset}, MLP {config.depth}x{config.width}, {config.optimizer} lr={config.learning_rate:g}, seed {config.seed}"
+    title = f"{config.dataset}, {_model_title(config)}, {config.optimizer} lr={config.learning_rate:g}, seed {config.seed}"
     with open(os.path.join(workdir, COMPARE_MD), "w", encoding="utf-8") as f:
         f.write(f"# {title}\n\n{markdown_table(rows)}\n")
     print(f"\n{title}\n{format_table(rows)}")
@@ -872,11 +1150,17 @@ def compare(config: Config, methods: Sequence[str]) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "LOCALMIXER_OBJECTIVES",
+    "MODEL_SPECS",
     "Config",
     "Interrupted",
+    "LocalMixerSpec",
+    "MLPSpec",
+    "ModelSpec",
     "WorkdirError",
     "checkpoint_steps",
     "compare",
+    "config_record",
     "default_workdir",
     "device_info",
     "evaluate",
@@ -885,6 +1169,7 @@ __all__ = [
     "make_eval_fn",
     "markdown_table",
     "method_configs",
+    "model_spec_from_json",
     "options_for",
     "parse_methods",
     "plot_curves",

@@ -32,7 +32,7 @@ _TIMING_FIELDS = ("wall_time_s", "examples_per_s")
 
 # Tiny runs: width 16, small batches, 10 steps; the whole test set is still evaluated.
 TINY = experiment.Config(
-    width=16,
+    model=experiment.MLPSpec(width=16),
     batch_size=32,
     steps=10,
     eval_every=10,

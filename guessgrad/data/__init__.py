@@ -30,9 +30,12 @@ __all__ = [
     "DataMissingError",
     "Dataset",
     "Loader",
+    "augment",
     "default_data_dir",
+    "image_shape",
     "load",
     "normalize",
+    "num_classes",
 ]
 
 DATASETS: tuple[str, ...] = ("mnist10k", "mnist", "svhn_cropped", "cifar10", "cifar100")
@@ -44,6 +47,14 @@ _NUM_CLASSES = {
     "svhn_cropped": 10,
     "cifar10": 10,
     "cifar100": 100,
+}
+# Image shape (H, W, C) per data set (the tfds "image" feature).
+_IMAGE_SHAPES = {
+    "mnist10k": (28, 28, 1),
+    "mnist": (28, 28, 1),
+    "svhn_cropped": (32, 32, 3),
+    "cifar10": (32, 32, 3),
+    "cifar100": (32, 32, 3),
 }
 # Records decoded per array_record read.
 _READ_CHUNK = 4096
@@ -76,6 +87,25 @@ def default_data_dir() -> str:
     return os.environ.get(
         "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     )
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(
+            f"Unknown data set {name!r}; valid names are: {', '.join(DATASETS)}."
+        )
+
+
+def image_shape(name: str) -> tuple[int, int, int]:
+    """``(H, W, C)`` of data set ``name``'s images, known without loading it."""
+    _check_name(name)
+    return _IMAGE_SHAPES[name]
+
+
+def num_classes(name: str) -> int:
+    """The number of classes of data set ``name``, known without loading it."""
+    _check_name(name)
+    return _NUM_CLASSES[name]
 
 
 def load(name: str = DEFAULT_DATASET, data_dir: str | None = None) -> Dataset:
@@ -402,3 +432,62 @@ class Loader:
         """
         for start in range(0, self.num_examples, self.batch_size):
             yield self._take(self._natural, start, self.batch_size)
+
+
+def augment(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    padding: int = 4,
+    flip: bool = True,
+    fill: float | None = -1.0,
+) -> jax.Array:
+    """Random crops and horizontal flips, one draw per example, on device.
+
+    Each image is padded by ``padding`` pixels on every side and cropped back
+    to its size at a random offset (uniform over the ``(2 * padding + 1)**2``
+    offsets), then, with ``flip``, mirrored left-right with probability 1/2:
+    the standard CIFAR augmentation. Pure ``jax.numpy``: works under
+    ``jax.jit`` and ``jax.vmap``, and the same key gives the same images.
+    Flips are wrong for digits (a mirrored 2 is no 2): keep them for natural
+    images.
+
+    Args:
+      images: ``[B, H, W, C]``, e.g. ``normalize``'s output in [-1, 1].
+      key: a PRNG key.
+      padding: pixels of padding per side; 0 turns cropping off.
+      flip: mirror half the images, left-right.
+      fill: the padding's value; the default -1.0 is black in ``normalize``'s
+        scale (a raw pixel of 0, what torchvision's ``RandomCrop(32,
+        padding=4)`` pads with). None repeats the edge pixels instead.
+
+    Returns:
+      An array of the shape and dtype of ``images``.
+    """
+    images = jnp.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(
+            f"augment expects images [B, H, W, C], got shape {images.shape}."
+        )
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a non-negative integer; got {padding!r}.")
+    b, h, w, c = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    if padding:
+        pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+        if fill is None:
+            padded = jnp.pad(images, pad, mode="edge")
+        else:
+            padded = jnp.pad(
+                images, pad, constant_values=jnp.asarray(fill, images.dtype)
+            )
+        offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * padding + 1)
+
+        def crop(image, offset):
+            return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+        images = jax.vmap(crop)(padded, offsets)
+    if flip:
+        mirror = jax.random.bernoulli(flip_key, 0.5, (b,))
+        images = jnp.where(mirror[:, None, None, None], images[:, :, ::-1], images)
+    return images
