@@ -17,19 +17,33 @@ from guessgrad._src.models import (
     chain_fns,
     fan_in_uniform,
 )
+from guessgrad._src.vit import (
+    VIT_CONFIGS,
+    ViT,
+    load_vit_npz,
+    prompt_mask,
+    save_vit_npz,
+    vit,
+)
 
 __all__ = (
     "LOCALMIXER_CONFIGS",
     "MLP",
     "OBJECTIVES",
+    "VIT_CONFIGS",
     "Chain",
     "ChainFns",
     "Linear",
     "LocalMixer",
     "MixerBlock",
+    "ViT",
     "chain_fns",
     "fan_in_uniform",
+    "load_vit_npz",
     "local_mixer",
     "local_mixer_args",
+    "prompt_mask",
     "replicated_cross_entropy",
+    "save_vit_npz",
+    "vit",
 )
