@@ -230,11 +230,16 @@ def config(model: experiment.ModelSpec, methods: Sequence[str]) -> experiment.Co
 
 
 def main(
-    argv: Sequence[str], name: str, model: Callable[[], experiment.ModelSpec]
+    argv: Sequence[str],
+    name: str,
+    model: Callable[[], experiment.ModelSpec],
+    prepare: Callable[[experiment.Config], experiment.Config] | None = None,
 ) -> int:
     """Runs one method (or --compare) of experiment ``name``; returns the exit status.
 
-    ``model()`` builds the spec from the entry point's own flags. A bad flag
+    ``model()`` builds the spec from the entry point's own flags; ``prepare``,
+    if given, turns the validated configuration into the one to run (e.g.
+    after pretraining a backbone), under the same error handling. A bad flag
     is one line on stderr and exit status 2; an unusable work directory or
     unprepared data 1; Ctrl-C 130 (with the command that resumes).
     """
@@ -259,12 +264,18 @@ def main(
     except ValueError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:  # a checkpoint a flag names
+        print(f"{name}: {err}", file=sys.stderr)
+        return 1
     try:
+        if prepare is not None:
+            run_config = prepare(run_config)
+            experiment.validate(run_config)
         if compare_flag:
             experiment.compare(run_config, methods)
         else:
             experiment.run(run_config)
-    except (experiment.WorkdirError, data.DataMissingError) as err:
+    except (experiment.WorkdirError, data.DataMissingError, FileNotFoundError) as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 1
     except ValueError as err:

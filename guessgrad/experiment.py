@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import guessgrad as gg
 from guessgrad import data, parallel
@@ -64,6 +65,7 @@ _IDENTITY_FIELDS = (
     "method",
     "dataset",
     "model",
+    "transform",
     "augment",
     "optimizer",
     "learning_rate",
@@ -98,8 +100,22 @@ class ModelSpec:
         raise NotImplementedError
 
     def estimator_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``gg.build_estimator`` besides the options (``loss_fn``, ``inputs``)."""
-        return {}
+        """Keyword arguments for ``gg.build_estimator`` besides the options (``loss_fn``, ``inputs``, ``trainable``)."""
+        trainable = self.trainable()
+        return {} if trainable is None else {"trainable": trainable}
+
+    def trainable(self):
+        """None (every parameter learns) or ``params -> tree of bools``: the leaves that learn.
+
+        The estimator gets it as ``trainable`` and the optimiser is masked to
+        it (``optax.masked``), so frozen leaves never move, weight decay
+        included.
+        """
+        return None
+
+    def init_params(self, model, key, images):
+        """The initial variables: ``model.init`` (a spec with a pretrained backbone loads it here)."""
+        return model.init(key, images)
 
     @property
     def label(self) -> str:
@@ -220,7 +236,119 @@ class LocalMixerSpec(ModelSpec):
                 )
 
 
-MODEL_SPECS: dict[str, type[ModelSpec]] = {"mlp": MLPSpec, "localmixer": LocalMixerSpec}
+@dataclasses.dataclass(frozen=True)
+class ViTSpec(ModelSpec):
+    """``gg.models.vit(config, num_classes, ...)``: a ViT, optionally prompt-tuned on a frozen backbone.
+
+    Attributes:
+      config: a named size, a key of ``gg.models.VIT_CONFIGS``.
+      num_prompts: prompt tokens (0: none).
+      prompt_depth: ``"shallow"`` (prepended to the first layer's input) or
+        ``"deep"`` (a fresh set per layer).
+      backbone: a checkpoint in the public ViT ``.npz`` format
+        (``gg.models.load_vit_npz``); with it, only the prompts learn (and
+        the head with ``train_head``), the backbone frozen. None: every
+        parameter learns from a random initialisation (pretraining).
+      train_head: with a backbone, also train the linear head (Jia et al.'s
+        VPT); needed when the task's classes differ from the checkpoint's.
+    """
+
+    kind: ClassVar[str] = "vit"
+    flatten: ClassVar[bool] = False
+
+    config: str = "tiny"
+    num_prompts: int = 4
+    prompt_depth: str = "shallow"
+    backbone: str | None = None
+    train_head: bool = False
+
+    def build(self, num_classes: int):
+        return gg.models.vit(
+            self.config,
+            num_classes,
+            num_prompts=self.num_prompts,
+            prompt_depth=self.prompt_depth,
+        )
+
+    def trainable(self):
+        if self.backbone is None:
+            return None
+        return functools.partial(gg.models.prompt_mask, head=self.train_head)
+
+    def init_params(self, model, key, images):
+        params = model.init(key, images)
+        if self.backbone is None:
+            return params
+        head = _npz_head_classes(self.backbone)
+        if head is not None and head != model.num_classes and not self.train_head:
+            raise ValueError(
+                f"The backbone {self.backbone} has a {head}-class head and the task "
+                f"{model.num_classes} classes: its head cannot be kept, and a fresh one "
+                "must learn (pass --train_head / ViTSpec(train_head=True))."
+            )
+        return gg.models.load_vit_npz(self.backbone, model, params)
+
+    @property
+    def label(self) -> str:
+        prompts = (
+            f", {self.num_prompts} {self.prompt_depth} prompts"
+            if self.num_prompts
+            else ""
+        )
+        frozen = " on a frozen backbone" if self.backbone else ""
+        return f"ViT {self.config}{prompts}{frozen}"
+
+    @property
+    def slug(self) -> str:
+        tuned = "-prompts" if self.backbone else ""
+        return f"vit-{self.config.replace('/', '-')}-{self.num_prompts}{self.prompt_depth[0]}{tuned}"
+
+    def validate(self, image_shape: Sequence[int] | None = None) -> None:
+        configs = gg.models.VIT_CONFIGS
+        if self.config not in configs:
+            raise ValueError(
+                f"Unknown ViT configuration {self.config!r}; valid names: {', '.join(configs)}."
+            )
+        if not isinstance(self.num_prompts, int) or self.num_prompts < 0:
+            raise ValueError(
+                f"num_prompts must be a non-negative integer; got {self.num_prompts!r}."
+            )
+        if self.prompt_depth not in ("shallow", "deep"):
+            raise ValueError(
+                f"Unknown prompt_depth {self.prompt_depth!r}; valid: shallow, deep."
+            )
+        if self.backbone is not None and not os.path.exists(self.backbone):
+            raise FileNotFoundError(
+                f"No backbone checkpoint at {self.backbone}: expected a .npz in the "
+                "public ViT format (e.g. ViT-B_16.npz from the original release, "
+                "gs://vit_models/imagenet21k/ViT-B_16.npz, or one written by "
+                "guessgrad.models.save_vit_npz)."
+            )
+        if self.backbone is not None and not (self.num_prompts or self.train_head):
+            raise ValueError(
+                "A frozen backbone with no prompts and no head to train has nothing to "
+                "learn: give num_prompts > 0 or train_head."
+            )
+        if image_shape is not None:
+            patch = configs[self.config]["patch_size"]
+            if image_shape[0] % patch or image_shape[1] % patch:
+                raise ValueError(
+                    f"ViT {self.config} cuts {patch}x{patch} patches, which do not tile "
+                    f"{image_shape[0]}x{image_shape[1]} images."
+                )
+
+
+def _npz_head_classes(path: str) -> int | None:
+    """The number of classes of a ``.npz`` checkpoint's head (None: it has none)."""
+    with np.load(path) as saved:
+        return saved["head/kernel"].shape[-1] if "head/kernel" in saved.files else None
+
+
+MODEL_SPECS: dict[str, type[ModelSpec]] = {
+    "mlp": MLPSpec,
+    "localmixer": LocalMixerSpec,
+    "vit": ViTSpec,
+}
 
 
 def model_spec_from_json(record: Mapping[str, Any]) -> ModelSpec:
@@ -257,6 +385,8 @@ class Config:
       train_eval_examples: train accuracy is measured on the first this many
         training examples.
       eval_batch_size: examples per evaluation batch.
+      transform: a shift of every image (a name in ``guessgrad.data.TRANSFORMS``,
+        e.g. ``"invert"``), the labels kept: a second task on the same data.
       augment: random crops (padding 4) and horizontal flips of the training
         images, on device inside the step (``guessgrad.data.augment``). Flips
         are wrong for digits: leave it off for them.
@@ -286,6 +416,7 @@ class Config:
     log_every: int = 100
     train_eval_examples: int = 2000
     eval_batch_size: int = 1000
+    transform: str | None = None
     augment: bool = False
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
@@ -366,6 +497,10 @@ def validate(config: Config) -> None:
     if config.dataset not in data.DATASETS:
         raise ValueError(
             f"Unknown data set {config.dataset!r}; valid names: {', '.join(data.DATASETS)}."
+        )
+    if config.transform is not None and config.transform not in data.TRANSFORMS:
+        raise ValueError(
+            f"Unknown transform {config.transform!r}; valid names: {', '.join(data.TRANSFORMS)}."
         )
     if not isinstance(config.model, ModelSpec):
         raise TypeError(
@@ -598,12 +733,19 @@ _COLUMNS = (
     ("test loss", "test_loss", "{:.4g}"),
     ("steps", "steps", "{}"),
     ("wall time", "wall_time_s", "{:.1f} s"),
+    ("examples/s", "examples_per_s", "{:,.0f}"),
 )
 
 
 def _cells(rows: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = [title for title, _, _ in _COLUMNS]
-    body = [[fmt.format(row[key]) for _, key, fmt in _COLUMNS] for row in rows]
+    body = [
+        [
+            "-" if row.get(key) is None else fmt.format(row[key])
+            for _, key, fmt in _COLUMNS
+        ]
+        for row in rows
+    ]
     return header, body
 
 
@@ -734,7 +876,9 @@ def run(config: Config) -> dict[str, Any]:
     print(f"[{config.method}] computing on {parallel.describe(mesh)}: {jax.devices()}")
     saved_steps = _prepare_workdir(config, workdir)
 
-    dataset = data.load(config.dataset, config.data_dir)
+    dataset = data.transform(
+        data.load(config.dataset, config.data_dir), config.transform
+    )
     spec = config.model
     model = spec.build(dataset.num_classes)
     init_key, data_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -766,7 +910,7 @@ def run(config: Config) -> dict[str, Any]:
     init_images = loader.batch(0)["image"]
     if spec.flatten:
         init_images = init_images.reshape(init_images.shape[0], -1)
-    params = model.init(init_key, init_images)
+    params = spec.init_params(model, init_key, init_images)
     # Replicated over the mesh (the batch is sharded over it): data parallel on
     # every local device, and over hosts under jax.distributed.
     state = _place(gg.init_train_state(params, optimizer, train_key), mesh)
@@ -936,6 +1080,7 @@ def run(config: Config) -> dict[str, Any]:
         "model": config.model.label,
         "model_spec": config.model.to_json(),
         "augment": config.augment,
+        "transform": config.transform,
         "optimizer": config.optimizer,
         "learning_rate": config.learning_rate,
         "estimator_options": options,
@@ -962,8 +1107,12 @@ def run(config: Config) -> dict[str, Any]:
     return results
 
 
+_SHIFTED = {"invert": "inverted", "rotate": "rotated"}
+
+
 def _model_title(config: Config) -> str:
-    return config.model.label + (", augmented" if config.augment else "")
+    shifted = f", images {_SHIFTED[config.transform]}" if config.transform else ""
+    return config.model.label + shifted + (", augmented" if config.augment else "")
 
 
 def _train_step(config: Config, num_classes: int, mesh):
@@ -993,6 +1142,8 @@ def _build_train_step(
     method, options, spec, num_classes, optimizer_name, learning_rate, augment, mesh
 ):
     optimizer = gg.make_optimizer(optimizer_name, learning_rate)
+    if spec.trainable() is not None:  # frozen leaves never move, weight decay included
+        optimizer = optax.masked(optimizer, spec.trainable())
     estimator = gg.build_estimator(
         method, spec.build(num_classes), **spec.estimator_args(), **dict(options)
     )

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 __all__ = [
     "DATASETS",
     "DEFAULT_DATASET",
+    "TRANSFORMS",
     "DataMissingError",
     "Dataset",
     "Loader",
@@ -36,6 +37,7 @@ __all__ = [
     "load",
     "normalize",
     "num_classes",
+    "transform",
 ]
 
 DATASETS: tuple[str, ...] = ("mnist10k", "mnist", "svhn_cropped", "cifar10", "cifar100")
@@ -106,6 +108,36 @@ def num_classes(name: str) -> int:
     """The number of classes of data set ``name``, known without loading it."""
     _check_name(name)
     return _NUM_CLASSES[name]
+
+
+# Shifts of a data set's images that keep their labels: a second task for a
+# network trained on the first (prompt tuning adapts a frozen backbone to it).
+TRANSFORMS: tuple[str, ...] = ("invert", "rotate")
+
+
+def transform(dataset: Dataset, name: str | None) -> Dataset:
+    """``dataset`` with every image shifted by ``name``, labels kept (None: unchanged).
+
+    ``"invert"``: ``255 - pixel`` (light digits on a dark ground become dark on
+    light); ``"rotate"``: a quarter turn counter-clockwise (height and width
+    swap).
+    """
+    if name is None:
+        return dataset
+    if name not in TRANSFORMS:
+        raise ValueError(
+            f"Unknown transform {name!r}; valid names: {', '.join(TRANSFORMS)}."
+        )
+
+    def shift(images: np.ndarray) -> np.ndarray:
+        if name == "invert":
+            return 255 - images
+        return np.ascontiguousarray(np.rot90(images, axes=(1, 2)))
+
+    return dataset._replace(
+        train_images=shift(dataset.train_images),
+        test_images=shift(dataset.test_images),
+    )
 
 
 def load(name: str = DEFAULT_DATASET, data_dir: str | None = None) -> Dataset:
