@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments import common  # before guessgrad: it sets XLA_FLAGS for jax
 import guessgrad as gg
+from experiments import common  # before guessgrad: it sets XLA_FLAGS for jax
 from guessgrad import data, experiment
 
 DEFAULT_EPOCHS = 5

@@ -111,7 +111,7 @@ class ModelSpec:
         it (``optax.masked``), so frozen leaves never move, weight decay
         included.
         """
-        return None
+        return
 
     def init_params(self, model, key, images):
         """The initial variables: ``model.init`` (a spec with a pretrained backbone loads it here)."""
