@@ -41,7 +41,7 @@ setuptools.setup(
             "pillow>=9",
             "importlib_resources>=5",
         ],
-        "test": ["pytest>=7.4"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5"],
         "dev": ["ruff>=0.5"],
     },
 )

@@ -165,8 +165,8 @@ def test_model_specs_name_workdirs_and_check_their_settings(tmp_path):
         )
     with pytest.raises(ValueError, match="width must be a positive integer"):
         experiment.validate(experiment.Config(model=experiment.MLPSpec(width=0)))
-    with pytest.raises(ValueError, match="valid kinds: mlp, localmixer"):
-        experiment.model_spec_from_json({"kind": "vit"})
+    with pytest.raises(ValueError, match="valid kinds: mlp, localmixer, vit"):
+        experiment.model_spec_from_json({"kind": "resnet"})
     for spec in (
         experiment.MLPSpec(2, 8),
         experiment.LocalMixerSpec("S/1/1", "global"),
