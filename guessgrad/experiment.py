@@ -1142,8 +1142,9 @@ def _build_train_step(
     method, options, spec, num_classes, optimizer_name, learning_rate, augment, mesh
 ):
     optimizer = gg.make_optimizer(optimizer_name, learning_rate)
-    if spec.trainable() is not None:  # frozen leaves never move, weight decay included
-        optimizer = optax.masked(optimizer, spec.trainable())
+    trainable = spec.trainable()
+    if trainable is not None:  # frozen leaves never move, weight decay included
+        optimizer = optax.masked(optimizer, trainable)
     estimator = gg.build_estimator(
         method, spec.build(num_classes), **spec.estimator_args(), **dict(options)
     )

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_experiment import _read_json, _untimed
 
 from guessgrad import data, experiment
 
@@ -26,16 +27,6 @@ MIXER = experiment.Config(
     eval_batch_size=500,
     progress=False,
 )
-
-
-def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _untimed(records):
-    timing = ("wall_time_s", "examples_per_s")
-    return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
 
 def test_localmixer_run_writes_every_output(tmp_path):
