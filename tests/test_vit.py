@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,9 @@ from conftest import flat
 from test_estimators import assert_mean_matches
 
 import guessgrad as gg
+from guessgrad._src import engine
+from guessgrad._src import guesses as rules
+from guessgrad._src.estimators import Problem
 from guessgrad.models import (
     VIT_CONFIGS,
     ViT,
@@ -228,7 +232,8 @@ def test_print_structure_lists_the_sites(capsys):
     model, params, batch = micro()
     gg.print_structure(model, params, batch, trainable=prompt_mask)
     printed = capsys.readouterr().out
-    assert "9 sites" in printed  # q, k, v and the MLP in each of 2 blocks; logits
+    # The prompt tokens; q, k, v and the MLP in each of 2 blocks; logits.
+    assert "10 sites" in printed
     assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/value" in printed
     assert "Transformer/encoderblock_0/MlpBlock_3/hidden" in printed
     assert "gelu" in printed
@@ -277,6 +282,56 @@ def test_frozen_leaves_are_exactly_zero_and_the_prompts_move(method, depth):
     model, params, batch = micro(prompt_depth=depth)
     estimate = gg.get_estimator(method, model, trainable=prompt_mask)
     assert_only_the_prompts_move(estimate(params, batch, jax.random.key(1)), params)
+
+
+@pytest.mark.parametrize(
+    "depth, head, guessed",
+    [
+        ("shallow", False, ["Transformer/prompts"]),
+        ("deep", False, ["Transformer/prompts_0", "Transformer/prompts_1"]),
+        ("shallow", True, ["Transformer/prompts", "logits"]),
+    ],
+)
+def test_prompt_tuning_guesses_only_at_the_prompt_tokens(depth, head, guessed):
+    """The prompts are sites: the cut forward stops there, so no backbone site is guessed."""
+    model, params, batch = micro(prompt_depth=depth)
+    mask = functools.partial(prompt_mask, head=head)
+    found = gg.structure(model, params, batch, trainable=mask)
+    assert [s.path for s in found.active] == guessed
+
+
+@pytest.mark.parametrize("rule", ["wt", "activation_perturbation"])
+def test_recomputed_forward_passes_give_the_linearised_estimate(rule):
+    """engine.linearize(recompute=True) (a jvp per use) equals one stored jax.linearize."""
+    model, params, batch = micro()
+    problem = Problem(model)
+    variables, args, rngs, found, _ = problem.prepare(params, batch, None)
+    paths = [s.path for s in found.active]
+    hidden = {"wt": rules.wt_hidden, "activation_perturbation": rules.gaussian_hidden}
+    guess_rule = rules.rule_from(hidden[rule])
+
+    def site_grads(recompute, mode):
+        _, _, ctx = engine.linearize(
+            model,
+            variables,
+            args,
+            batch,
+            problem.loss_fn,
+            rngs,
+            found,
+            paths,
+            recompute=recompute,
+        )
+        guesses = {
+            s.path: rules.site_guess(guess_rule, ctx, s.index, jax.random.key(5), True)
+            for s in found.active
+        }
+        return engine.site_gradients(ctx, guesses, mode)
+
+    for mode in ("joint", "per_layer"):
+        stored, recomputed = site_grads(False, mode), site_grads(True, mode)
+        chex.assert_trees_all_close(stored, recomputed, rtol=1e-5, atol=1e-6)
+        assert float(jnp.linalg.norm(stored[0]["logits"])) > 0
 
 
 @pytest.mark.slow

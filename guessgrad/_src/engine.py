@@ -138,8 +138,7 @@ class GraphContext:
 
     def push(self, index: int, tangent: Array):
         """``(loss tangents, value tangents)`` with only site ``index`` perturbed."""
-        path = self.infos[index].path
-        return jax.jvp(self._only(path), (self.zeros[path],), (tangent,))[1]
+        return self.lin({self.infos[index].path: tangent})
 
     def pull(
         self, index: int, target: str, cotangent: Array, post_activation: bool = False
@@ -148,7 +147,7 @@ class GraphContext:
         if post_activation:
             cotangent = self.mask(self._by_path[target].index, cotangent)
         path = self.infos[index].path
-        fn = lambda t: self._only(path)(t)[1][target]
+        fn = lambda t: self.lin({path: t})[1][target]
         return jax.linear_transpose(fn, self.zeros[path])(cotangent)[0]
 
     def next_maps(self, index: int) -> tuple[Callable, Callable]:
@@ -189,7 +188,7 @@ class GraphContext:
         shapes = self.structure.losses
 
         def fn(t):
-            tangents = self._only(info.path)(t)[0]
+            tangents = self.lin({info.path: t})[0]
             return {n: tangents[n] for n in info.feeds}
 
         cotangent = {
@@ -205,14 +204,6 @@ class GraphContext:
         }
         return jax.linear_transpose(fn, self.zeros[info.path])(cotangent)[0]
 
-    # -- internals ---------------------------------------------------------------------
-
-    def _only(self, path: str) -> Callable:
-        def fn(tangent):
-            return self.lin({**self.zeros, path: tangent})
-
-        return fn
-
 
 def linearize(
     model,
@@ -224,10 +215,21 @@ def linearize(
     structure: Structure,
     paths,
     needs_label: bool = False,
+    recompute: bool = False,
 ):
-    """Linearises the forward at zero perturbations of the sites ``paths``.
+    """The forward's linear map at zero perturbations of the sites ``paths``.
 
-    Returns ``(losses, outputs, ctx)``.
+    Returns ``(losses, outputs, ctx)``; ``ctx.lin`` takes tangents at any
+    subset of ``paths`` (the others are symbolic zeros, so nothing upstream
+    of the perturbed sites is differentiated).
+
+    ``recompute=False``: one ``jax.linearize``, whose residuals (every
+    activation the tangents need) live until the last use of the map, as
+    backprop's do. ``recompute=True``: every use of the map is a fresh
+    ``jax.jvp`` of the forward, primal and tangent computed together, so
+    nothing is kept for later (XLA merges the repeated primal passes where
+    it can). Joint mode applies the map once, after the guesses are drawn:
+    recomputing makes it one forward-mode pass, memory like inference.
     """
     infos = {s.path: s for s in structure.sites}
     zeros = {
@@ -242,23 +244,51 @@ def linearize(
         losses = sites_lib.normalize_losses(loss_fn(outputs, batch))
         return (losses, {**raw, **taps}), outputs
 
-    (losses, values), lin, outputs = jax.linearize(forward, zeros, has_aux=True)
+    if recompute:
+        (losses, values), outputs = forward(zeros)
+
+        def lin(tangents, with_primal=False):
+            def restricted(part):
+                (losses, values), outputs = forward({**zeros, **part})
+                return (losses, values), (losses, outputs)
+
+            part = {p: zeros[p] for p in tangents}
+            (_, primal), (tangent, _) = jax.jvp(restricted, (part,), (dict(tangents),))
+            return (tangent, primal) if with_primal else tangent
+
+    else:
+        (losses, values), full, outputs = jax.linearize(forward, zeros, has_aux=True)
+
+        def lin(tangents, with_primal=False):
+            part = {p: zeros[p] for p in tangents}
+            tangent = jax.jvp(
+                lambda t: full({**zeros, **t}), (part,), (dict(tangents),)
+            )[1]
+            return (tangent, (losses, outputs)) if with_primal else tangent
+
     ctx = GraphContext(structure, values, lin, zeros, needs_label, losses)
     return losses, outputs, ctx
 
 
-def site_gradients(ctx: GraphContext, guesses: Mapping[str, Array], mode: str) -> dict:
-    """``{site: g_l}``, ``g_{l,b} = d y_{l,b}``, from one set of guesses (joint or per-site)."""
+def site_gradients(ctx: GraphContext, guesses: Mapping[str, Array], mode: str):
+    """``({site: g_l}, (losses, outputs))``, ``g_{l,b} = d y_{l,b}``, from one set of guesses.
+
+    The losses and model outputs come from the joint pass itself in joint
+    mode (so a recomputing context runs the forward once, with the tangents).
+    """
     shapes = ctx.structure.losses
-    out = {}
+    out, primal = {}, None
     if mode == "joint":
-        tangents = ctx.lin(dict(guesses))[0]
+        (tangents, _), primal = ctx.lin(dict(guesses), with_primal=True)
     for path, y in guesses.items():
         info = ctx._by_path[path]
         if mode != "joint":
-            tangents = ctx.push(info.index, y)[0]
+            (tangents, _), pushed = ctx.lin({path: y}, with_primal=True)
+            primal = pushed if primal is None else primal
         out[path] = site_estimate(info, tangents, shapes, y)
-    return out
+    if primal is None:  # nothing guessed
+        primal = ctx.lin({}, with_primal=True)[1]
+    return out, primal
 
 
 def derivatives(ctx: GraphContext, tangents: Mapping[str, Array], mode: str):

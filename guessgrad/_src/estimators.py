@@ -252,7 +252,7 @@ def activation_space(
     def estimate(params: Params, batch: Batch, key: PRNGKey):
         variables, args, rngs, structure, train = problem.prepare(params, batch, key)
         active = structure.active
-        losses, outputs, ctx = engine.linearize(
+        _, _, ctx = engine.linearize(
             model,
             variables,
             args,
@@ -262,6 +262,10 @@ def activation_space(
             structure,
             [s.path for s in active],
             rule.needs_label,
+            # One application of the map (joint mode, or one guessed site): a
+            # forward-mode pass that keeps no activations. Per-site mode applies
+            # it once per site, where one stored linearisation is cheaper.
+            recompute=mode == "joint" or len(active) == 1,
         )
 
         def one_estimate(guess_key):
@@ -271,8 +275,11 @@ def activation_space(
             }
             return engine.site_gradients(ctx, guesses, mode)
 
-        site_grads = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
+        site_grads, (losses, outputs) = jax.vmap(one_estimate)(
+            guess_keys(key, num_guesses)
+        )
         site_grads = {p: jnp.mean(g, axis=0) for p, g in site_grads.items()}
+        losses, outputs = jax.tree.map(lambda x: x[0], (losses, outputs))
         grads = engine.local_parameter_grads(
             model, train, args, batch, problem.loss_fn, rngs, structure, site_grads
         )
@@ -709,7 +716,15 @@ def directional_derivatives(
     if unknown:
         raise ValueError(f"No sites named {unknown}; the sites are {paths}.")
     _, _, ctx = engine.linearize(
-        model, variables, args, batch, problem.loss_fn, rngs, found, list(tangents)
+        model,
+        variables,
+        args,
+        batch,
+        problem.loss_fn,
+        rngs,
+        found,
+        list(tangents),
+        recompute=mode == "joint" or len(tangents) == 1,
     )
     out = engine.derivatives(ctx, tangents, mode)
     return out if mode == "joint" else jnp.stack([out[p] for p in tangents])

@@ -23,6 +23,14 @@ parameters ``prompts``:
 
 Sites (the values whose per-example gradients the estimators guess):
 
+* ``Transformer/prompts`` (deep: ``Transformer/prompts_{i}``, one per
+  block): the prompt tokens as block ``i`` reads them, ``[B, num_prompts,
+  hidden]`` (the parameter broadcast over the batch). With only the prompts
+  trainable this is the only site guessed: the prompts' estimate is the
+  batch sum of the guessed gradient at these tokens, and one forward-mode
+  pass through the frozen network gives it (no activation is kept for a
+  backward pass). Its W^T guess pulls back from the first block's ``query``
+  (through the layer norm and the query projection).
 * ``.../MultiHeadDotProductAttention_1/{query,key,value}``: the attention
   projections ``[B, T, heads, head_dim]``, no activation after them. This
   is where each block's input, prompt tokens included, enters the attention:
@@ -42,11 +50,8 @@ says which). Layers are unrolled in a Python loop (sites inside ``nn.scan``
 are refused).
 
 With only the prompts trainable (``trainable=prompt_mask``), every estimator
-leaves the backbone and the head exactly at zero; the prompts' estimate is
-the sum of the local VJPs of every site they reach without crossing another
-site (by the residual stream: each later block's q/k/v and MLP, and the
-logits). Per-layer mode takes one directional derivative per site: 4 per
-block and the logits, 49 for a 12-block ViT-B/16.
+leaves the backbone and the head exactly at zero. With the head trainable
+too (``prompt_mask(..., head=True)``) the ``logits`` site is guessed as well.
 
 Checkpoints: :func:`load_vit_npz` reads the release's ``.npz`` files (and
 :func:`save_vit_npz`'s, the same flat format).
@@ -217,6 +222,7 @@ class Encoder(nn.Module):
                 own = prompts[i] if deep else prompts
                 patches = x[:, 1 + (own.shape[0] if i else 0) :]
                 own = jnp.broadcast_to(own.astype(x.dtype), (x.shape[0],) + own.shape)
+                own = site(self, f"prompts_{i}" if deep else "prompts", own)
                 x = jnp.concatenate([x[:, :1], own, patches], axis=1)
             x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"encoderblock_{i}")(x)
         return nn.LayerNorm(name="encoder_norm")(x)
