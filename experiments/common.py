@@ -240,8 +240,9 @@ def main(
     ``model()`` builds the spec from the entry point's own flags; ``prepare``,
     if given, turns the validated configuration into the one to run (e.g.
     after pretraining a backbone), under the same error handling. A bad flag
-    is one line on stderr and exit status 2; an unusable work directory or
-    unprepared data 1; Ctrl-C 130 (with the command that resumes).
+    is one line on stderr and exit status 2 (an unusable work directory
+    too); a workdir that cannot be resumed or unprepared data 1; a run that
+    diverged 1; Ctrl-C 130 and SIGTERM 143 (with the command that resumes).
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {' '.join(argv[1:])}")
@@ -272,9 +273,10 @@ def main(
             run_config = prepare(run_config)
             experiment.validate(run_config)
         if compare_flag:
-            experiment.compare(run_config, methods)
+            rows = experiment.compare(run_config, methods)
+            diverged = any(r.get("status") == "diverged" for r in rows)
         else:
-            experiment.run(run_config)
+            diverged = experiment.run(run_config)["status"] == "diverged"
     except (experiment.WorkdirError, data.DataMissingError, FileNotFoundError) as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 1
@@ -286,18 +288,33 @@ def main(
         print(f"{name}: {err}", file=sys.stderr)
         return 2
     except experiment.Interrupted as interrupt:
+        if interrupt.step is None:
+            kept = experiment.checkpoint_steps(interrupt.workdir)
+            print(
+                f"\n{interrupt.signal_name} before training started; nothing was saved"
+                + (
+                    f" (the checkpoints of steps {kept} in {interrupt.workdir} are as they were)."
+                    if kept
+                    else "."
+                ),
+                file=sys.stderr,
+            )
+            return interrupt.exit_code
         command = [sys.executable, "-m", f"experiments.{name}", *sys.argv[1:]]
         if not resume:
             command.append("--resume")
         print(
-            f"\nInterrupted at step {interrupt.step} of {interrupt.total_steps}; the "
-            f"checkpoint is in {interrupt.workdir}.\nResume with:\n    {shlex.join(command)}",
+            f"\n{interrupt.signal_name} at step {interrupt.step} of {interrupt.total_steps}; "
+            f"the checkpoint is in {interrupt.workdir}.\nResume with:\n    {shlex.join(command)}",
+            file=sys.stderr,
+        )
+        return interrupt.exit_code
+    except KeyboardInterrupt:
+        print(
+            "\nInterrupted before training started; nothing new was saved.",
             file=sys.stderr,
         )
         return 130
-    except KeyboardInterrupt:
-        print(
-            "\nInterrupted before training started; nothing was saved.", file=sys.stderr
-        )
-        return 130
+    if diverged:
+        return 1
     return 0

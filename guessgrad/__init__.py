@@ -3,6 +3,7 @@
 from guessgrad import models as models
 from guessgrad import parallel as parallel
 from guessgrad._src.core import MODES as MODES
+from guessgrad._src.core import check_labels as check_labels
 from guessgrad._src.core import per_example_loss as per_example_loss
 from guessgrad._src.estimators import DEFAULT_MODE as DEFAULT_MODE
 from guessgrad._src.estimators import ESTIMATORS as ESTIMATORS
@@ -39,6 +40,7 @@ __all__ = (
     "Structure",
     "TrainState",
     "build_estimator",
+    "check_labels",
     "directional_derivatives",
     "estimator_options",
     "get_estimator",

@@ -33,12 +33,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import jax
 import jax.numpy as jnp
@@ -432,13 +437,75 @@ class WorkdirError(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training was interrupted (Ctrl-C) after a checkpoint of ``step`` was saved in ``workdir``."""
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run at a step boundary.
 
-    def __init__(self, step: int, total_steps: int, workdir: str):
-        super().__init__(step, total_steps, workdir)
+    ``step`` is the step whose checkpoint was saved in ``workdir``, or None
+    when the signal came before training started (nothing was saved; a
+    resumed run's earlier checkpoints are untouched). ``exit_code`` is the
+    shell's convention, 128 + the signal number: 130 for Ctrl-C, 143 for
+    SIGTERM.
+    """
+
+    def __init__(
+        self,
+        step: int | None,
+        total_steps: int | None,
+        workdir: str,
+        signum: int = signal.SIGINT,
+    ):
+        super().__init__(step, total_steps, workdir, signum)
         self.step = step
         self.total_steps = total_steps
         self.workdir = workdir
+        self.signum = int(signum)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _Signals:
+    """SIGINT and SIGTERM while a run is in progress: noted, acted on at the next boundary.
+
+    The handler only records the first signal (and says so on stderr), so no
+    exception lands inside Orbax, JAX or a half-written file; later signals
+    are ignored until the run has saved and stopped. Outside the main thread
+    (where Python allows no handlers) Ctrl-C stays a KeyboardInterrupt.
+    """
+
+    def __init__(self, label: str):
+        self.label = label
+        self.signum: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        # os.write, not print: a handler may run while the main thread is printing.
+        os.write(
+            2,
+            f"\n[{self.label}] {signal.Signals(signum).name}: stopping at the end of "
+            "this step (a checkpoint follows; further signals are ignored)\n".encode(),
+        )
+
+    def check_before_training(self, workdir: str) -> None:
+        if self.signum is not None:
+            raise Interrupted(None, None, workdir, self.signum)
 
 
 def default_workdir(config: Config, label: str | None = None) -> str:
@@ -476,7 +543,10 @@ def validate(config: Config) -> None:
     (A TypeError for a ``model`` that is no ModelSpec or a non-bool ``augment``.)
     Checks the method, optimizer and data set names against their registries,
     the model spec (its settings, and that it takes the data set's images),
-    the estimator options (names and values), and every size and count.
+    the estimator options (names and values), every size and count, the
+    learning rate (finite, positive), the batch size against the training
+    set, and that the workdir can be one (not a file, writable): all before
+    any data is loaded.
     """
     for name in (
         "batch_size",
@@ -498,6 +568,23 @@ def validate(config: Config) -> None:
         raise ValueError(
             f"Unknown data set {config.dataset!r}; valid names: {', '.join(data.DATASETS)}."
         )
+    rate = config.learning_rate
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or not math.isfinite(rate)
+        or rate <= 0
+    ):
+        raise ValueError(
+            f"learning_rate must be a finite number > 0; got {config.learning_rate!r}."
+        )
+    num_train = data.num_train_examples(config.dataset)
+    if config.batch_size > num_train:
+        raise ValueError(
+            f"batch_size {config.batch_size} is larger than {config.dataset}'s "
+            f"training set ({num_train} examples); use --batch_size={num_train} or less."
+        )
+    check_workdir(config.workdir or default_workdir(config))
     if config.transform is not None and config.transform not in data.TRANSFORMS:
         raise ValueError(
             f"Unknown transform {config.transform!r}; valid names: {', '.join(data.TRANSFORMS)}."
@@ -593,13 +680,33 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     """Drops records after ``last_step``: a resumed run writes them again."""
     records = [r for r in read_metrics(path) if r["step"] <= last_step]
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(_json_line(r) for r in records)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (strict JSON has neither)."""
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _json_line(record: Mapping[str, Any]) -> str:
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
 
 
 def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    """Writes ``obj`` as strict JSON (non-finite numbers as null), atomically."""
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(partial, path)
 
 
 def _checkpoint_manager(directory: str, keep: int):
@@ -626,12 +733,9 @@ def _save_checkpoint(manager, state: gg.TrainState, meta: dict[str, Any]) -> Non
     manager.save(step, args=args)
 
 
-def _restore_checkpoint(
-    manager, template: gg.TrainState
-) -> tuple[gg.TrainState, dict[str, Any]]:
+def _restore_one(manager, step: int, template: gg.TrainState):
     import orbax.checkpoint as ocp
 
-    step = manager.latest_step()
     saveable = _to_saveable(template)
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(saveable), meta=ocp.args.JsonRestore()
@@ -640,7 +744,52 @@ def _restore_checkpoint(
     state = jax.tree.unflatten(
         jax.tree.structure(saveable), jax.tree.leaves(restored.state)
     )
-    return state._replace(key=jax.random.wrap_key_data(state.key)), dict(restored.meta)
+    meta = dict(restored.meta)
+    if int(meta["step"]) != step or int(state.step) != step:
+        raise ValueError(f"it holds step {int(state.step)}, not {step}")
+    return state._replace(key=jax.random.wrap_key_data(state.key)), meta
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _restore_checkpoint(
+    manager, template: gg.TrainState, workdir: str, label: str
+) -> tuple[gg.TrainState, dict[str, Any]]:
+    """The latest checkpoint that restores; an unreadable one is moved aside with a warning.
+
+    A checkpoint that fails to restore (a truncated array file, an empty
+    ``_METADATA``) is moved to ``<workdir>/corrupt-checkpoint-<step>`` (kept
+    for inspection, out of the way of the step's next save) and the one
+    before it is tried. If none restores, a :class:`WorkdirError` says which
+    folder to delete.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        try:
+            return _restore_one(manager, step, template)
+        except Exception as err:  # noqa: BLE001  (any failure: try the one before)
+            failures.append(f"step {step} ({_first_line(err)})")
+            source = os.path.join(manager.directory, str(step))
+            aside = os.path.join(workdir, f"corrupt-checkpoint-{step}")
+            if os.path.exists(aside):
+                shutil.rmtree(aside)
+            shutil.move(str(source), aside)
+            manager.reload()
+            print(
+                f"[{label}] warning: the checkpoint of step {step} could not be read "
+                f"({_first_line(err)}); moved it to {aside}"
+                + (", trying the one before" if step != steps[-1] else ""),
+                file=sys.stderr,
+            )
+    raise WorkdirError(
+        f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} could be restored: "
+        f"{'; '.join(failures)}. They were moved to {workdir}/corrupt-checkpoint-*.\n"
+        f"Delete {workdir} (or run without --resume in another --workdir) to start over."
+    )
 
 
 def load_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
@@ -778,8 +927,38 @@ def markdown_table(rows: Iterable[Mapping[str, Any]]) -> str:
 # --- training --------------------------------------------------------------------
 
 
-def _prepare_workdir(config: Config, workdir: str) -> list[int]:
-    """Checks the workdir against ``config.resume``; returns the saved checkpoint steps."""
+def check_workdir(path: str) -> None:
+    """Raises a ValueError when ``path`` cannot be a work directory (a file, not writable)."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == path else f"lies under a file, {existing}"
+        raise ValueError(f"The work directory {path} {what}; choose another --workdir.")
+    try:  # os.access says yes to root on read-only mounts: try it
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"The work directory {path} cannot be written ({existing}: "
+            f"{err.strerror or err}); choose another --workdir."
+        ) from None
+
+
+_ORBAX_TEMPORARY = ".orbax-checkpoint-tmp"
+
+
+def _prepare_workdir(config: Config, workdir: str, num_steps: int) -> list[int]:
+    """Checks the workdir against ``config.resume``; returns the saved checkpoint steps.
+
+    Leftover temporary folders of a save that never finished are removed.
+    """
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if _ORBAX_TEMPORARY in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     steps = checkpoint_steps(workdir)
     if steps and not config.resume:
         raise WorkdirError(
@@ -802,9 +981,27 @@ def _prepare_workdir(config: Config, workdir: str) -> list[int]:
                 f"Cannot resume the run in {workdir} with a different configuration ({details}).\n"
                 "Resume with the saved settings, or choose another --workdir."
             )
-    elif os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        if steps[-1] > num_steps:
+            raise WorkdirError(
+                f"The run in {workdir} has trained {steps[-1]} steps; this configuration "
+                f"asks for {num_steps}. Resume with at least {steps[-1]} steps "
+                "(--steps or --epochs), or choose another --workdir."
+            )
+        return steps
+    earlier = [
+        name
+        for name in (RESULTS_FILE, METRICS_FILE)
+        if os.path.isfile(os.path.join(workdir, name))
+        and os.path.getsize(os.path.join(workdir, name)) > 0
+    ]
+    if earlier:
+        raise WorkdirError(
+            f"{workdir} holds the {' and '.join(earlier)} of an earlier run but no "
+            "checkpoint to resume from; choose another --workdir, or delete it to start over."
+        )
+    if os.path.isdir(directory):
         # No finished checkpoint: at most Orbax's temporary folders of an aborted save.
-        shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR))
+        shutil.rmtree(directory)
     return steps
 
 
@@ -855,30 +1052,48 @@ def run(config: Config) -> dict[str, Any]:
 
     Returns the dict written to results.json (accuracies and losses on the
     train subset and the test set after the last step, steps, wall time,
-    devices). With ``config.stop_after`` before the end, stops with a
-    checkpoint and returns ``{"status": "stopped", "step": ...}`` without
-    writing results.json.
+    devices), with ``"status": "done"``. With ``config.stop_after`` before
+    the end, stops with a checkpoint and returns ``{"status": "stopped",
+    "step": ...}`` without writing results.json.
+
+    A step whose loss or update is not finite ends the run: nothing after the
+    last checkpoint is saved, and results.json gets ``"status": "diverged"``
+    with the step, the last good checkpoint and the likely cause (also
+    returned). Ctrl-C (SIGINT) and SIGTERM stop at the end of the current
+    step, after its metrics line and a checkpoint.
 
     Raises:
       ValueError: an invalid configuration (see :func:`validate`).
-      WorkdirError: the workdir holds checkpoints and ``resume`` is False, or
-        ``resume`` is True and the saved run's configuration differs.
+      WorkdirError: the workdir holds checkpoints and ``resume`` is False;
+        ``resume`` is True and the saved run's configuration differs, or asks
+        for fewer steps than were trained; it holds results but no
+        checkpoint; or no checkpoint in it can be read.
       guessgrad.data.DataMissingError: the data set is not prepared.
-      Interrupted: Ctrl-C during training; a checkpoint of the current step was saved.
+      Interrupted: a signal stopped the run (``step`` None: before training).
     """
     validate(config)
+    with _Signals(config.method) as signals:
+        return _run(config, signals)
+
+
+def _run(config: Config, signals: _Signals) -> dict[str, Any]:
     started = time.perf_counter()
+    label = config.method
     workdir = os.path.abspath(config.workdir or default_workdir(config))
-    print(f"[{config.method}] workdir: {workdir}")
+    print(f"[{label}] workdir: {workdir}")
     parallel.maybe_initialize_distributed()
     mesh = parallel.data_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
-    print(f"[{config.method}] computing on {parallel.describe(mesh)}: {jax.devices()}")
-    saved_steps = _prepare_workdir(config, workdir)
+    print(f"[{label}] computing on {parallel.describe(mesh)}: {jax.devices()}")
+    steps_per_epoch = data.num_train_examples(config.dataset) // config.batch_size
+    num_steps = total_steps(config, steps_per_epoch)
+    saved_steps = _prepare_workdir(config, workdir, num_steps)
+    signals.check_before_training(workdir)
 
     dataset = data.transform(
         data.load(config.dataset, config.data_dir), config.transform
     )
+    signals.check_before_training(workdir)
     spec = config.model
     model = spec.build(dataset.num_classes)
     init_key, data_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -901,7 +1116,6 @@ def run(config: Config) -> dict[str, Any]:
         ),
         "test": _eval_loader(dataset.test_images, dataset.test_labels, config, mesh),
     }
-    num_steps = total_steps(config, loader.steps_per_epoch)
     stop_step = (
         num_steps if config.stop_after is None else min(config.stop_after, num_steps)
     )
@@ -918,6 +1132,7 @@ def run(config: Config) -> dict[str, Any]:
     # Trace the step before anything is written: what an estimator refuses only
     # on seeing the model and batch fails here. The step's first call reuses the trace.
     jax.eval_shape(train_step.jitted, state, loader.batch(0))
+    signals.check_before_training(workdir)
 
     os.makedirs(workdir, exist_ok=True)
     metrics_path = os.path.join(workdir, METRICS_FILE)
@@ -926,18 +1141,16 @@ def run(config: Config) -> dict[str, Any]:
     )
     elapsed_before, window = 0.0, []
     if saved_steps:
-        state, meta = _restore_checkpoint(manager, state)
+        state, meta = _restore_checkpoint(manager, state, workdir, label)
         state = _place(state, mesh)
         elapsed_before = float(meta["elapsed_s"])
         window = [(int(s), np.float32(x)) for s, x in meta["window_losses"]]
         _truncate_metrics(metrics_path, int(state.step))
-        print(
-            f"[{config.method}] resumed from the checkpoint at step {int(state.step)}"
-        )
+        print(f"[{label}] resumed from the checkpoint at step {int(state.step)}")
     else:
         if config.resume:
             print(
-                f"[{config.method}] --resume: no checkpoint in {workdir}; starting from step 0"
+                f"[{label}] --resume: no checkpoint in {workdir}; starting from step 0"
             )
         open(metrics_path, "w").close()
 
@@ -988,26 +1201,37 @@ def run(config: Config) -> dict[str, Any]:
     start_step = int(state.step)
     progress = _progress_bar(config, num_steps, start_step)
     last_eval: dict[str, Any] | None = None
+    unchecked: list[tuple[int, Any]] = []  # (step, finite flag) not yet read
+
+    def first_nonfinite() -> int | None:
+        flags = jax.device_get([f for _, f in unchecked])
+        bad = next((s for (s, _), ok in zip(unchecked, flags) if not ok), None)
+        unchecked.clear()
+        return bad
+
+    diverged_at = None
     try:
         with open(metrics_path, "a", encoding="utf-8") as metrics_file:
 
             def log(record: dict[str, Any]) -> None:
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write(_json_line(record))
                 metrics_file.flush()
 
             if start_step == 0:
                 log(run_eval(0))
             synced_step, synced_time = start_step, time.perf_counter()
             for step in range(start_step, stop_step):
-                new_state, metrics = train_step(state, loader.batch(step))
+                state, metrics = train_step(state, loader.batch(step))
                 done = step + 1
                 window.append((done, metrics["loss"]))
-                state = new_state
+                unchecked.append((done, metrics["finite"]))
                 is_log = done % config.log_every == 0
                 is_eval = done % config.eval_every == 0 or done == num_steps
                 timed_out = time.perf_counter() - synced_time > _REFRESH_SECONDS
                 if is_log or is_eval or timed_out or done == stop_step:
-                    jax.block_until_ready(metrics["loss"])
+                    diverged_at = first_nonfinite()
+                    if diverged_at is not None:
+                        break
                     now = time.perf_counter()
                     rate = (
                         (done - synced_step)
@@ -1034,32 +1258,48 @@ def run(config: Config) -> dict[str, Any]:
                     last_eval = run_eval(done)
                     log(last_eval)
                     progress.write(
-                        f"[{config.method}] step {done}: train acc {last_eval['train_accuracy']:.2%}, "
+                        f"[{label}] step {done}: train acc {last_eval['train_accuracy']:.2%}, "
                         f"test acc {last_eval['test_accuracy']:.2%}, test loss {last_eval['test_loss']:.4f}"
                     )
                     checkpoint(done)
                     # Evaluation time does not count against throughput.
                     synced_time = time.perf_counter()
-            if int(state.step) < num_steps:
+                if signals.signum is not None:
+                    break
+            if diverged_at is None:
+                diverged_at = first_nonfinite()
+            if diverged_at is None and int(state.step) < num_steps:
                 checkpoint(int(state.step))
-    except KeyboardInterrupt:
+            if diverged_at is not None:
+                loss = dict(jax.device_get(window)).get(diverged_at)
+                loss = None if loss is None else float(loss)
+                log({"kind": "diverged", "step": diverged_at, "loss": loss})
+    except KeyboardInterrupt:  # raised where no handler could be installed
+        signals.signum = signals.signum or signal.SIGINT
+        diverged_at = first_nonfinite()
+        if diverged_at is None:
+            checkpoint(int(state.step))
+        else:
+            loss = None
+    finally:
         progress.close()
-        step = int(state.step)
-        checkpoint(step)
         manager.wait_until_finished()
+        last_saved = max(manager.all_steps(), default=None)
         manager.close()
-        print(
-            f"[{config.method}] interrupted at step {step} of {num_steps}; checkpoint saved in {workdir}"
-        )
-        raise Interrupted(step, num_steps, workdir) from None
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
 
     step = int(state.step)
+    if diverged_at is not None:
+        return _diverged(config, workdir, diverged_at, loss, last_saved, options)
+    if signals.signum is not None and step < num_steps:
+        print(
+            f"[{label}] {signal.Signals(signals.signum).name} at step {step} of "
+            f"{num_steps}; checkpoint saved in {workdir}",
+            file=sys.stderr,
+        )
+        raise Interrupted(step, num_steps, workdir, signals.signum)
     if step < num_steps:
         print(
-            f"[{config.method}] stopped at step {step} of {num_steps}; checkpoint saved in {workdir}"
+            f"[{label}] stopped at step {step} of {num_steps}; checkpoint saved in {workdir}"
         )
         return {
             "status": "stopped",
@@ -1075,15 +1315,7 @@ def run(config: Config) -> dict[str, Any]:
     wall_time = elapsed() if step > start_step else elapsed_before
     results = {
         "status": "done",
-        "method": config.method,
-        "dataset": config.dataset,
-        "model": config.model.label,
-        "model_spec": config.model.to_json(),
-        "augment": config.augment,
-        "transform": config.transform,
-        "optimizer": config.optimizer,
-        "learning_rate": config.learning_rate,
-        "estimator_options": options,
+        **_run_fields(config, options),
         "steps": step,
         "epochs": step / loader.steps_per_epoch,
         "train_accuracy": last_eval["train_accuracy"],
@@ -1102,9 +1334,59 @@ def run(config: Config) -> dict[str, Any]:
     plot_curves(records, os.path.join(workdir, CURVES_FILE), title)
     print(format_table([results]))
     print(
-        f"[{config.method}] results in {workdir}: {CONFIG_FILE}, {METRICS_FILE}, {RESULTS_FILE}, {CURVES_FILE}"
+        f"[{label}] results in {workdir}: {CONFIG_FILE}, {METRICS_FILE}, {RESULTS_FILE}, {CURVES_FILE}"
     )
-    return results
+    return json_safe(results)
+
+
+def _run_fields(config: Config, options: Mapping[str, Any]) -> dict[str, Any]:
+    """What results.json repeats of the configuration."""
+    return {
+        "method": config.method,
+        "dataset": config.dataset,
+        "model": config.model.label,
+        "model_spec": config.model.to_json(),
+        "augment": config.augment,
+        "transform": config.transform,
+        "optimizer": config.optimizer,
+        "learning_rate": config.learning_rate,
+        "estimator_options": options,
+    }
+
+
+def _diverged(
+    config: Config,
+    workdir: str,
+    step: int,
+    loss: float | None,
+    last_saved: int | None,
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Writes results.json for a run that stopped at a non-finite step; returns it."""
+    kept = (
+        f"the last good checkpoint is step {last_saved}"
+        if last_saved is not None
+        else "no checkpoint was saved before it"
+    )
+    message = (
+        f"the loss or the update became non-finite at step {step} (batch loss "
+        f"{loss}); nothing after it was saved, and {kept}. Likely cause: a learning "
+        f"rate too large for {config.optimizer} ({config.learning_rate:g}; try a "
+        "smaller --learning_rate), or labels outside the model's classes."
+    )
+    results = {
+        "status": "diverged",
+        **_run_fields(config, options),
+        "step": step,
+        "loss": loss,
+        "last_checkpoint_step": last_saved,
+        "message": message,
+        "workdir": workdir,
+        **device_info(),
+    }
+    _write_json(os.path.join(workdir, RESULTS_FILE), results)
+    print(f"[{config.method}] diverged: {message}", file=sys.stderr)
+    return json_safe(results)
 
 
 _SHIFTED = {"invert": "inverted", "rotate": "rotated"}
@@ -1279,14 +1561,28 @@ def compare(config: Config, methods: Sequence[str]) -> list[dict[str, Any]]:
                 method_config, workdir=os.path.join(workdir, method_config.method)
             )
         )
-        if results["status"] != "done":
+        if results["status"] == "stopped":
             print(
                 f"compare: {method_config.method} stopped at step {results['step']}; not tabulated"
             )
             return rows
+        if results["status"] == "diverged":
+            print(
+                f"compare: {method_config.method} diverged at step {results['step']}; "
+                "tabulated without results"
+            )
+            rows.append(
+                {
+                    "method": f"{method_config.method} (diverged)",
+                    "steps": results["step"],
+                    "status": "diverged",
+                    "workdir": results["workdir"],
+                }
+            )
+            continue
         rows.append(
             {key: results[key] for _, key, _ in _COLUMNS}
-            | {"workdir": results["workdir"]}
+            | {"status": "done", "workdir": results["workdir"]}
         )
     record = config_record(config) | {"workdir": workdir}
     _write_json(

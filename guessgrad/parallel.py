@@ -359,7 +359,11 @@ class ParallelTrainStep:
 
 
 def make_parallel_train_step(
-    estimator: Estimator, optimizer: optax.GradientTransformation, mesh: Mesh
+    estimator: Estimator,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    skip_nonfinite: bool = False,
 ) -> ParallelTrainStep:
     """:func:`guessgrad.make_train_step`, jitted with data-parallel shardings.
 
@@ -376,7 +380,9 @@ def make_parallel_train_step(
     inputs that are not placed yet (a numpy batch, a freshly initialised
     state) are placed first instead of silently running on one device.
     """
-    step = make_train_step(estimator, optimizer, jit=False)
+    step = make_train_step(
+        estimator, optimizer, jit=False, skip_nonfinite=skip_nonfinite
+    )
     state_sharding, data_sharding = replicated(mesh), batch_sharding(mesh)
     jitted = jax.jit(
         step,

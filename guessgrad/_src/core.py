@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from guessgrad._src.base import Array, Batch, Params
@@ -25,9 +26,40 @@ from guessgrad._src.models import ChainFns
 MODES = ("joint", "per_layer")
 
 
+def check_labels(labels: Array, num_classes: int, *, where: str | None = None) -> None:
+    """Raises a ValueError naming the labels outside ``0..num_classes-1``.
+
+    Checked only when ``labels`` are concrete (outside ``jax.jit``): under a
+    trace the values are unknown, and :func:`per_example_loss` makes an
+    out-of-range label's loss NaN instead. ``where`` names the labels in the
+    message (e.g. a data set split).
+    """
+    if isinstance(labels, jax.core.Tracer):
+        return
+    values = np.asarray(labels)
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
+    if bad.size:
+        shown = ", ".join(f"[{i}] = {values.flat[i]}" for i in bad[:5])
+        more = f" and {bad.size - 5} more" if bad.size > 5 else ""
+        raise ValueError(
+            f"{f'{where}: labels' if where else 'Labels'} must be in 0..{num_classes - 1} "
+            f"({num_classes} classes); got {shown}{more}."
+        )
+
+
 def per_example_loss(logits: Array, labels: Array) -> Array:
-    """Softmax cross-entropy per example: [B, C], [B] -> [B]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    """Softmax cross-entropy per example: [B, C], [B] -> [B].
+
+    A label outside ``0..C-1`` raises a ValueError when the labels are
+    concrete (:func:`check_labels`); under ``jax.jit`` it makes that
+    example's loss and every derivative of it NaN, so the step is
+    non-finite (the experiment runner stops there) rather than quietly wrong.
+    """
+    num_classes = jnp.shape(logits)[-1]
+    check_labels(labels, num_classes)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    valid = (labels >= 0) & (labels < num_classes)
+    return losses * jnp.where(valid, 1.0, jnp.nan).astype(losses.dtype)
 
 
 def validate_batch(batch: Batch, need_label: bool = True) -> tuple[Array, Array | None]:

@@ -35,8 +35,19 @@ def init_train_state(
     return jax.device_put(state, jax.devices()[0])
 
 
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+
+
 def make_train_step(
-    estimator: Estimator, optimizer: optax.GradientTransformation, *, jit: bool = True
+    estimator: Estimator,
+    optimizer: optax.GradientTransformation,
+    *,
+    jit: bool = True,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Aux]]:
     """``(state, batch) -> (state, metrics)``: estimate, update, apply.
 
@@ -44,13 +55,28 @@ def make_train_step(
     e.g. the loss its forward pass computed, are passed through). The key for
     step ``t`` is ``fold_in(state.key, t)``, so a run is reproducible from any
     saved state.
+
+    ``metrics["finite"]`` (a bool) says whether the step's loss and update
+    were finite (checked inside the step, one reduction per leaf). With
+    ``skip_nonfinite=True`` a non-finite update is not applied: parameters
+    and optimiser state stay as they were (the step counter still advances,
+    so the next step draws a new key); otherwise it is applied and the
+    caller decides (the experiment runner stops at the first such step).
     """
 
     def step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.key, state.step)
         grads, metrics = estimator(state.params, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        finite = _all_finite((updates, metrics.get("loss")))
         params = optax.apply_updates(state.params, updates)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(
+                lambda a, b: jnp.where(finite, a, b), new, old
+            )
+            params = keep(params, state.params)
+            opt_state = keep(opt_state, state.opt_state)
+        metrics = {**metrics, "finite": finite}
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
     return jax.jit(step) if jit else step

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from guessgrad._src.core import check_labels
+
 __all__ = [
     "DATASETS",
     "DEFAULT_DATASET",
@@ -37,6 +39,7 @@ __all__ = [
     "load",
     "normalize",
     "num_classes",
+    "num_train_examples",
     "transform",
 ]
 
@@ -162,9 +165,32 @@ def load(name: str = DEFAULT_DATASET, data_dir: str | None = None) -> Dataset:
             f"Unknown data set {name!r}; valid names are: {', '.join(DATASETS)}."
         )
     if name == "mnist10k":
-        return _load_mnist10k()
-    data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
-    return _load_tfds(name, data_dir)
+        dataset = _load_mnist10k()
+    else:
+        data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+        dataset = _load_tfds(name, data_dir)
+    for split, labels in (
+        ("train", dataset.train_labels),
+        ("test", dataset.test_labels),
+    ):
+        check_labels(labels, _NUM_CLASSES[name], where=f"{name}'s {split} split")
+    return dataset
+
+
+# Training examples per data set (the tfds "train" split), known without loading it.
+_NUM_TRAIN = {
+    "mnist10k": 8000,
+    "mnist": 60000,
+    "svhn_cropped": 73257,
+    "cifar10": 50000,
+    "cifar100": 50000,
+}
+
+
+def num_train_examples(name: str) -> int:
+    """The size of data set ``name``'s training split, known without loading it."""
+    _check_name(name)
+    return _NUM_TRAIN[name]
 
 
 def _load_mnist10k() -> Dataset:
