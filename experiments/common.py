@@ -303,11 +303,7 @@ def main(
         command = [sys.executable, "-m", f"experiments.{name}", *sys.argv[1:]]
         if not resume:
             command.append("--resume")
-        print(
-            f"\n{interrupt.signal_name} at step {interrupt.step} of {interrupt.total_steps}; "
-            f"the checkpoint is in {interrupt.workdir}.\nResume with:\n    {shlex.join(command)}",
-            file=sys.stderr,
-        )
+        print(f"Resume with:\n    {shlex.join(command)}", file=sys.stderr)
         return interrupt.exit_code
     except KeyboardInterrupt:
         print(

@@ -16,6 +16,7 @@ def estimator(name, model, **kwargs):
     return gg.get_estimator(name, model, **{**OPTIONS.get(name, {}), **kwargs})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(gg.ESTIMATORS))
 def test_contract_jit_vmap_determinism(name, small_mlp):
     model, params, batch = small_mlp
@@ -68,6 +69,7 @@ def _separable_problem():
     return {"image": x, "label": labels.astype(jnp.int32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(gg.ESTIMATORS))
 def test_training_lowers_the_loss(name):
     batch = _separable_problem()
@@ -178,6 +180,7 @@ def test_stable_adamw_is_adamw_until_the_update_rms_exceeds_one():
     np.testing.assert_allclose(s_up["w"], r_up["w"] / rms, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ACTIVATION_SPACE)
 def test_lean_mode_gives_the_joint_estimate(name):
     """Recomputing the forward pass and regenerating the guesses from the same keys
@@ -224,6 +227,7 @@ def _estimator_temp_bytes(name, depth, **options):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["wt", "mixing"])
 def test_lean_mode_memory_does_not_grow_with_depth(name):
     """XLA's compiled temporaries (parameters and updates excluded): from 4 to 12 layers

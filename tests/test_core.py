@@ -33,6 +33,7 @@ def reference_site_grads(model, params, batch):
     return jax.grad(lambda p: jnp.sum(losses(p)))(zeros)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["small_mlp", "normed_chain"])
 def test_directional_derivatives_equal_grad_dot_tangent(fixture, request):
     model, params, batch = request.getfixturevalue(fixture)

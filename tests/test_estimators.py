@@ -174,6 +174,7 @@ def test_oracle_angle_has_the_requested_cosine_and_norm(small_mlp):
         )
 
 
+@pytest.mark.slow
 def test_num_guesses_averages_independent_single_guesses(small_mlp):
     model, params, batch = small_mlp
     key = jax.random.key(9)
@@ -191,6 +192,7 @@ def test_num_guesses_averages_independent_single_guesses(small_mlp):
 # --- guesses: what they read, where they lie ----------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LABEL_FREE + ["self_sharpening"])
 def test_labels_reach_the_estimate_only_through_the_derivative(name):
     """Batch of one, per-layer mode: g_l = d_l y_l. If y_l ignores the label, changing
@@ -254,6 +256,7 @@ def _top_subspace_projectors(layer_params, trace, index, rank):
     return np.einsum("bki,bkj->bij", v, v)
 
 
+@pytest.mark.slow
 def test_wperp_guesses_lie_in_top_k_right_singular_subspace():
     model = gg.models.MLP(depth=3, width=32, num_classes=10)
     batch = {

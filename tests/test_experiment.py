@@ -52,6 +52,7 @@ def _untimed(records):
     return [{k: v for k, v in r.items() if k not in _TIMING_FIELDS} for r in records]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(gg.ESTIMATORS))
 def test_run_writes_every_output(method, tmp_path):
     results = experiment.run(

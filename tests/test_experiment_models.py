@@ -29,6 +29,7 @@ MIXER = experiment.Config(
 )
 
 
+@pytest.mark.slow
 def test_localmixer_run_writes_every_output(tmp_path):
     results = experiment.run(dataclasses.replace(MIXER, workdir=str(tmp_path)))
 
@@ -56,6 +57,7 @@ def test_localmixer_run_writes_every_output(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_localmixer_augmented_resume_equals_uninterrupted_run(tmp_path):
     # Stopped at step 5 (between the evaluations at 4 and 8), resumed to 8.
     config = dataclasses.replace(MIXER, augment=True, steps=8, eval_every=4)

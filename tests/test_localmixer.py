@@ -69,6 +69,7 @@ def test_patchify_cuts_row_major_patches():
     np.testing.assert_array_equal(patches[0, 2], images[0, 2:, :3].reshape(-1))
 
 
+@pytest.mark.slow
 def test_replicated_loss_is_the_cross_entropy_and_each_copy_sees_only_its_patch_and_group():
     with jax.enable_x64(True):
         keys = jax.random.split(jax.random.key(2), 5)
@@ -149,6 +150,7 @@ def _block(model, k):
     return gg.models.MixerBlock(model.channels, model.groups, first=k == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["local", "local_greedy"])
 def test_local_backprop_of_each_block_is_backprop_of_that_block_alone(objective):
     model, params, batch = small(objective)
@@ -270,6 +272,7 @@ def test_wt_matches_its_closed_form_expectation():
     assert_mean_matches(samples, flat(expected))
 
 
+@pytest.mark.slow
 def test_ren_activity_perturbation_update_from_the_formulas():
     with jax.enable_x64(True):
         model, params, batch = small(dtype=jnp.float64)
@@ -445,6 +448,7 @@ def test_bad_configurations_name_the_valid_choices():
         )
 
 
+@pytest.mark.slow
 def test_directional_takes_only_the_losses_each_parameter_reaches():
     """LG-FG-W block-wise: (grad L_k . v) v for block k, with one v over every parameter."""
     model, params, batch = small()
@@ -459,7 +463,9 @@ def test_directional_takes_only_the_losses_each_parameter_reaches():
 
     derivative = jax.jvp(mean_losses, (params,), (tangent,))[1]
     for name, leaves in tangent["params"].items():
-        loss = name.replace("block_", "head_")  # a block and its head feed its head's loss
+        loss = name.replace(
+            "block_", "head_"
+        )  # a block and its head feed its head's loss
         jax.tree.map(
             lambda a, b, d=derivative[loss]: np.testing.assert_allclose(
                 a, d * b, rtol=1e-5, atol=1e-7

@@ -109,6 +109,7 @@ def _run(
     )
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
     script = _EIGHT_DEVICES % {"methods": _METHODS, "rtol": _RTOL, "atol": _ATOL}
     proc = _run(script, device_count=8)

@@ -38,6 +38,7 @@ def test_transforms_shift_the_images_and_keep_the_labels():
         data.transform(dataset, "blur")
 
 
+@pytest.mark.slow
 def test_prompt_tuning_moves_only_the_prompts(tmp_path):
     backbone = _backbone(str(tmp_path / "backbone.npz"))
     config = experiment.Config(

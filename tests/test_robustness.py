@@ -65,6 +65,7 @@ def test_an_absurd_learning_rate_ends_diverged_with_valid_json(tmp_path):
     assert saved["last_checkpoint_step"] == (steps[-1] if steps else None)
 
 
+@pytest.mark.slow
 def test_the_cli_exits_non_zero_on_divergence(tmp_path):
     result = _cli(
         "--method=wt",
@@ -142,6 +143,17 @@ def test_the_data_layer_checks_labels():
     ):
         data.check_labels(np.array([0, 9, 10]), 10, where="my split")
     data.check_labels(np.array([0, 9]), 10)
+    images = np.zeros((4, 2, 2, 1), np.uint8)
+    with pytest.raises(ValueError, match=r"\[3\] = -1"):
+        data.Loader(
+            images,
+            np.array([0, 1, 2, -1]),
+            2,
+            None,
+            flatten=True,
+            shuffle=False,
+            num_classes=3,
+        )
 
 
 # --- early checks ---------------------------------------------------------------------
@@ -318,7 +330,8 @@ def test_a_signal_saves_says_so_and_resumes_to_the_same_run(
     steps = experiment.checkpoint_steps(str(workdir))
     assert steps, err
     name = signal.Signals(signals[0]).name
-    assert f"{name} at step {steps[-1]} of 3000; the checkpoint is in" in err
+    assert f"{name} at step {steps[-1]} of 3000; checkpoint saved in {workdir}" in err
+    assert "--resume" in err
     assert not [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n]
     # Every completed step's metrics line is there.
     records = _strict_lines(workdir / "metrics.jsonl")

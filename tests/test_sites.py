@@ -88,6 +88,7 @@ def _dot(a, b):
 # --- derivatives ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_per_site_derivatives_equal_vjp_and_joint_is_their_sum(name):
     model, params, batch, problem = setup(name)
@@ -108,6 +109,7 @@ def test_per_site_derivatives_equal_vjp_and_joint_is_their_sum(name):
 # The patch model's copies are a stop_gradient construction inside one loss
 # (each copy's value moves with every patch, its derivative with its own), so
 # differences of values cannot check it; the VJP test above does.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [m for m in MODELS if m != "patch_copies"])
 def test_joint_derivative_equals_central_differences_in_float64(name):
     """Loss by loss, along tangents at the sites that feed it.
@@ -142,6 +144,7 @@ def test_joint_derivative_equals_central_differences_in_float64(name):
             np.testing.assert_allclose(joint, finite, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_exact_site_gradients_through_the_local_updates_equal_jax_grad(name):
     """The cut VJP is exact: fed the true dl_b/ds_l it returns the true gradient.
@@ -197,6 +200,7 @@ def test_stop_gradient_separates_local_losses_and_heads_get_exact_gradients():
         assert text in table
 
 
+@pytest.mark.slow
 def test_patch_copies_are_recognised_and_prompt_sites_are_the_only_guessed_ones():
     model, params, batch, problem = setup("patch_copies")
     (patch,) = gg.structure(model, params, batch, **problem).sites
@@ -346,6 +350,7 @@ class MarkedMLP(nn.Module):
         return gg.site(self, "out", nn.Dense(NUM_CLASSES, name="Dense_2")(x))
 
 
+@pytest.mark.slow
 def test_marking_outputs_from_outside_equals_explicit_marks():
     batch = {
         "image": jax.random.normal(jax.random.key(0), (4, 6)),
@@ -399,6 +404,7 @@ class BlockStack(nn.Module):
         return gg.site(self, "logits", nn.Dense(NUM_CLASSES)(h))
 
 
+@pytest.mark.slow
 def test_sites_inside_remat_give_identical_estimates_and_scan_is_refused():
     batch = {
         "image": jax.random.normal(jax.random.key(0), (4, 6)),
@@ -488,6 +494,7 @@ def test_trainable_must_match_the_parameters():
         )
 
 
+@pytest.mark.slow
 def test_a_local_loss_model_trains_through_the_public_api():
     model, params, batch, problem = setup("two_block_local")
     batch = {"image": jax.random.normal(jax.random.key(0), (32, 6))}

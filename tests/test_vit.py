@@ -168,6 +168,7 @@ class _ReferenceBlock(nn.Module):
         return x + y
 
 
+@pytest.mark.slow
 def test_without_prompts_it_is_the_plain_vit_of_the_original_release():
     model, params, batch = micro(num_prompts=0)
     assert "prompts" not in params["params"]
@@ -196,6 +197,7 @@ def test_without_prompts_it_is_the_plain_vit_of_the_original_release():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", ["shallow", "deep"])
 def test_prompts_change_the_output(depth):
     model, params, batch = micro(prompt_depth=depth)
@@ -274,6 +276,7 @@ def assert_only_the_prompts_move(grads, params):
     assert bool(jnp.all(jnp.isfinite(prompts)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", ["shallow", "deep"])
 @pytest.mark.parametrize(
     "method", ["backprop", "wt", "activation_perturbation", "directional"]
@@ -300,6 +303,7 @@ def test_prompt_tuning_guesses_only_at_the_prompt_tokens(depth, head, guessed):
     assert [s.path for s in found.active] == guessed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["wt", "activation_perturbation"])
 def test_recomputed_forward_passes_give_the_linearised_estimate(rule):
     """engine.linearize(recompute=True) (a jvp per use) equals one stored jax.linearize."""
@@ -416,6 +420,7 @@ def test_a_saved_checkpoint_has_the_public_keys_and_loads_back(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_new_head_and_a_new_grid(tmp_path):
     """Another number of classes keeps the fresh head; another image size resizes the grid."""
     _, params, _ = micro(num_prompts=0)  # 3 classes, a 2x2 grid

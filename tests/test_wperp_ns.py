@@ -116,6 +116,7 @@ def test_default_puts_its_energy_in_the_exact_top_k_on_trained_weights(trained_1
     assert _share(rules.wt_hidden, trained_128, [0]) < 0.5
 
 
+@pytest.mark.slow
 def test_more_iterations_put_more_energy_in_the_top_k(random_128):
     """Measured: degree 1, 2, 4: 0.78, 0.905, 0.984; the power filter at degree 2: 0.82."""
     shares = [
@@ -127,6 +128,7 @@ def test_more_iterations_put_more_energy_in_the_top_k(random_128):
     assert power + 0.05 < shares[1]  # Chebyshev beats plain powers at equal cost
 
 
+@pytest.mark.slow
 def test_block_variant_improves_with_iterations(random_128):
     """Measured: 10 vectors, 2 iterations 0.70, 4 iterations 0.82."""
     two = _share(rules.wperp_ns_hidden(RANK, 2, 5, variant="block"), random_128, [0, 1])
@@ -137,6 +139,7 @@ def test_block_variant_improves_with_iterations(random_128):
     assert four > two + 0.06
 
 
+@pytest.mark.slow
 def test_guesses_vanish_on_dead_units_and_read_no_label(small_mlp):
     model, params, batch = small_mlp
     ctx = _context(model, params, batch)  # labels=None: reading them would fail
@@ -165,6 +168,7 @@ def test_a_wholly_dead_example_gets_a_zero_guess(small_mlp):
         assert np.all(y[0] == 0) and np.any(y[1:] != 0)
 
 
+@pytest.mark.slow
 def test_works_on_a_non_dense_chain(normed_chain):
     """Dense + layer norm inside the next site map, tanh between: the guess lies in
     J_b's row space (LayerNorm's null directions excluded) and favours its top."""
@@ -258,6 +262,7 @@ def test_options_are_checked():
             rules.wperp_ns_hidden(RANK, 2, cutoff=cutoff)
 
 
+@pytest.mark.slow
 def test_estimator_with_the_rule_trains_under_jit():
     model = gg.models.MLP(depth=3, width=16, num_classes=5)
     batch = make_batch(jax.random.key(4), batch_size=8, shape=(6,))

@@ -390,6 +390,7 @@ class Loader:
         shuffle: bool = True,
         drop_remainder: bool = True,
         sharding: Sharding | None = None,
+        num_classes: int | None = None,
     ) -> None:
         """Puts the data on device.
 
@@ -406,6 +407,8 @@ class Loader:
           sharding: optional ``jax.sharding.NamedSharding`` for batches (its
             spec's first entry shards the batch axis); the data set itself
             is replicated over the same devices.
+          num_classes: if given, every label must be in ``0..num_classes-1``
+            (a ValueError names the ones that are not).
         """
         images = np.asarray(images)
         labels = np.asarray(labels)
@@ -417,6 +420,8 @@ class Loader:
             raise ValueError(
                 f"labels must have shape [N] = {images.shape[:1]}, got {labels.shape}."
             )
+        if num_classes is not None:
+            check_labels(labels, num_classes)
         n = images.shape[0]
         if batch_size < 1 or (drop_remainder and batch_size > n):
             raise ValueError(
