@@ -1,5 +1,6 @@
 """guessgrad: training neural networks with guessed gradients."""
 
+from guessgrad import metrics as metrics
 from guessgrad import models as models
 from guessgrad import parallel as parallel
 from guessgrad._src.core import MODES as MODES

@@ -1,0 +1,242 @@
+"""What the measurement experiments share: flags, a backprop trajectory, outputs.
+
+The paper's measurements (``experiments/cosine.py``, ``experiments/bias.py``)
+are made on a network along a backprop training trajectory. This module sets
+up the model (an MLP by default, ``--model=localmixer`` for the tiny
+LocalMixer: any :class:`guessgrad.experiment.ModelSpec`), the data, the
+estimators with the model's loss and trainable subset, trains by backprop and
+yields the points to measure at, and writes each experiment's JSON, table and
+figure to its workdir. The measurements themselves are
+:mod:`guessgrad.metrics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from absl import flags
+
+import guessgrad as gg
+from experiments import common  # noqa: F401  (before jax: the XLA flags)
+from guessgrad import data, experiment
+
+FLAGS = flags.FLAGS
+MODELS = ("mlp", "localmixer")
+
+
+def define_flags(
+    *, steps: int, methods: str, depth: int = 6, width: int = 1024
+) -> None:
+    flags.DEFINE_enum("model", "mlp", MODELS, "The network measured.")
+    flags.DEFINE_integer("depth", depth, "MLP: linear layers.")
+    flags.DEFINE_integer("width", width, "MLP: hidden units per layer.")
+    flags.DEFINE_string("config", "tiny", "LocalMixer: a named size.")
+    flags.DEFINE_string(
+        "dataset", data.DEFAULT_DATASET, f"One of {', '.join(data.DATASETS)}."
+    )
+    flags.DEFINE_string("data_dir", None, "tfds data directory.")
+    flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
+    flags.DEFINE_integer("steps", steps, "Backprop training steps of the trajectory.")
+    flags.DEFINE_float("learning_rate", 1e-3, "AdamW step size of the trajectory.")
+    flags.DEFINE_string(
+        "methods", methods, "Comma-separated estimator names to measure."
+    )
+    flags.DEFINE_integer("seed", 0, "Seeds initialisation, data order and guesses.")
+    flags.DEFINE_string("workdir", None, "Output directory (default under runs/).")
+
+
+@dataclasses.dataclass
+class Setup:
+    """A model with its data, parameters and the functions the measurements take."""
+
+    spec: experiment.ModelSpec
+    model: Any
+    params: Any
+    loader: data.Loader
+    estimators: dict[str, Callable]
+    loss_fn: Callable  # (params, batch) -> scalar mean loss
+    true_grad_fn: Callable  # (params, batch) -> grads
+
+    def batch(self, step: int):
+        return self.loader.batch(step)
+
+
+def model_spec() -> experiment.ModelSpec:
+    if FLAGS.model == "mlp":
+        return experiment.MLPSpec(depth=FLAGS.depth, width=FLAGS.width)
+    return experiment.LocalMixerSpec(config=FLAGS.config)
+
+
+def parse_methods() -> list[str]:
+    methods = experiment.parse_methods(FLAGS.methods)
+    return [m for m in methods if m != "backprop"]
+
+
+def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Setup:
+    """Builds the model, loads the data and builds every estimator (backprop included)."""
+    spec = model_spec()
+    spec.validate(data.image_shape(FLAGS.dataset))
+    dataset = data.load(FLAGS.dataset, FLAGS.data_dir)
+    model = spec.build(dataset.num_classes)
+    init_key, data_key = jax.random.split(jax.random.key(FLAGS.seed))
+    loader = data.Loader(
+        dataset.train_images,
+        dataset.train_labels,
+        FLAGS.batch_size,
+        data_key,
+        flatten=spec.flatten,
+        num_classes=dataset.num_classes,
+    )
+    params = spec.init_params(model, init_key, loader.batch(0)["image"])
+    args = {**spec.estimator_args(), "trainable": spec.trainable()}
+    options = options or {}
+    estimators = {
+        name: gg.get_estimator(name, model, **args, **options.get(name, {}))
+        for name in ["backprop", *methods]
+    }
+    metric_fn = gg.build_estimator("backprop", model, **args)
+
+    def loss_fn(params, batch):
+        return metric_fn(params, batch, None)[1]["loss"]
+
+    backprop = estimators["backprop"]
+    return Setup(
+        spec,
+        model,
+        params,
+        loader,
+        estimators,
+        loss_fn,
+        lambda params, batch: backprop(params, batch, None),
+    )
+
+
+def trajectory(setup: Setup, points: int) -> Iterator[tuple[int, Any]]:
+    """Trains by backprop (AdamW) for ``--steps``; yields ``(step, params)`` at ``points`` steps.
+
+    The points are evenly spaced from 0 to ``--steps`` (both included when
+    ``points > 1``).
+    """
+    optimizer = optax.adamw(FLAGS.learning_rate)
+    step_fn = gg.make_train_step(
+        gg.build_estimator(
+            "backprop",
+            setup.model,
+            **setup.spec.estimator_args(),
+            trainable=setup.spec.trainable(),
+        ),
+        optimizer,
+    )
+    state = gg.init_train_state(setup.params, optimizer, jax.random.key(FLAGS.seed))
+    at = sorted({round(i * FLAGS.steps / max(points - 1, 1)) for i in range(points)})
+    for step in range(FLAGS.steps + 1):
+        if step in at:
+            yield step, state.params
+        if step < FLAGS.steps:
+            state, metrics = step_fn(state, setup.batch(step))
+            if step % 50 == 0 and not bool(metrics["finite"]):
+                raise FloatingPointError(
+                    f"The backprop trajectory diverged at step {step + 1}; "
+                    "lower --learning_rate."
+                )
+
+
+def trained_params(setup: Setup):
+    """The parameters after ``--steps`` backprop steps."""
+    params = setup.params
+    for _, params in trajectory(setup, 2):
+        pass
+    return params
+
+
+def workdir(name: str) -> str:
+    if FLAGS.workdir:
+        return os.path.abspath(FLAGS.workdir)
+    slug = model_spec().slug
+    return os.path.abspath(
+        os.path.join("runs", f"{FLAGS.dataset}-{name}-{slug}-seed{FLAGS.seed}")
+    )
+
+
+def prepare_workdir(name: str) -> str:
+    path = workdir(name)
+    experiment.check_workdir(path)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def settings() -> dict[str, Any]:
+    """The flags every measurement records."""
+    return {
+        "model": model_spec().to_json(),
+        "model_label": model_spec().label,
+        "dataset": FLAGS.dataset,
+        "batch_size": FLAGS.batch_size,
+        "steps": FLAGS.steps,
+        "learning_rate": FLAGS.learning_rate,
+        "seed": FLAGS.seed,
+        "device": experiment.device_info(),
+    }
+
+
+def save(path: str, name: str, record: dict[str, Any], table: str, figure) -> None:
+    """Writes ``<name>.json``, ``<name>.md`` (the table) and ``<name>.png``; prints where."""
+    with open(os.path.join(path, f"{name}.json"), "w", encoding="utf-8") as f:
+        json.dump(experiment.json_safe(record), f, indent=2, allow_nan=False)
+        f.write("\n")
+    with open(os.path.join(path, f"{name}.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    figure.savefig(os.path.join(path, f"{name}.png"), dpi=100)
+    print(f"{name}: {name}.json, {name}.md and {name}.png in {path}")
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append(
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    )
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def figure(columns: int = 1, width: float = 6.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * columns, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, columns)
+    return fig, np.atleast_1d(axes)
+
+
+def to_host(tree):
+    return jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(tree))
+
+
+def fail(name: str, err: Exception) -> int:
+    print(f"{name}: {err}", file=sys.stderr)
+    return 2
+
+
+__all__ = [
+    "Setup",
+    "define_flags",
+    "figure",
+    "markdown",
+    "parse_methods",
+    "prepare_workdir",
+    "save",
+    "settings",
+    "setup",
+    "to_host",
+    "trained_params",
+    "trajectory",
+]

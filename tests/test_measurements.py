@@ -1,0 +1,116 @@
+"""The measurement experiments: a smoke run of each with tiny settings, and the report over them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_experiment import _PNG_SIGNATURE, _REPO
+
+TINY = ("--depth=2", "--width=16", "--steps=6", "--batch_size=32")
+
+
+def _run(module, *args):
+    result = subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", *args],
+        check=False,
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def _outputs(workdir, name):
+    with open(os.path.join(workdir, f"{name}.json"), encoding="utf-8") as f:
+        record = json.load(f, parse_constant=lambda t: pytest.fail(t))
+    with open(os.path.join(workdir, f"{name}.png"), "rb") as f:
+        assert f.read(8) == _PNG_SIGNATURE
+    with open(os.path.join(workdir, f"{name}.md"), encoding="utf-8") as f:
+        assert f.read().startswith("| ")
+    return record
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every measurement, tiny, in one runs directory."""
+    root = tmp_path_factory.mktemp("runs")
+    _run(
+        "cosine",
+        *TINY,
+        "--points=2",
+        "--num_keys=2",
+        "--examples=4",
+        "--methods=directional,activation_perturbation,wt",
+        f"--workdir={root / 'cosine'}",
+    )
+    _run(
+        "bias",
+        *TINY,
+        "--max_guesses=20",
+        "--examples=2",
+        "--methods=activation_perturbation,mixing",
+        f"--workdir={root / 'bias'}",
+    )
+    _run("subspace", *TINY, f"--workdir={root / 'subspace'}")
+    return root
+
+
+@pytest.mark.slow
+def test_cosine_writes_the_figure_1_table(runs):
+    record = _outputs(runs / "cosine", "cosine")
+    assert [p["step"] for p in record["points"]] == [0, 6]
+    for method in ("directional", "activation_perturbation", "wt"):
+        summary = record["summary"][method]
+        assert -1 <= summary["cosine"] <= 1
+        assert set(summary["layer_cosines"]) == {"params/dense_0", "params/dense_1"}
+    # Activation-space guesses beat a random parameter direction by far (Figure 1's order).
+    assert record["summary"]["wt"]["cosine"] > 10 * abs(
+        record["summary"]["directional"]["cosine"]
+    )
+
+
+@pytest.mark.slow
+def test_bias_writes_one_curve_per_method(runs):
+    record = _outputs(runs / "bias", "bias")
+    assert record["ks"] == [1, 2, 5, 10, 20]
+    # Activation perturbation is unbiased: its mean of 20 guesses is closer than one guess.
+    curve = record["curves"]["activation_perturbation"]
+    assert curve[-1] > curve[0]
+
+
+@pytest.mark.slow
+def test_subspace_overlap_reaches_one_at_full_rank(runs):
+    record = _outputs(runs / "subspace", "subspace")
+    for layer in record["layers"].values():
+        assert layer["ks"][-1] == layer["n"]
+        assert layer["pca"][-1] == pytest.approx(1.0, abs=1e-4)
+        assert layer["pca"][0] > layer["random"][0]
+
+
+@pytest.mark.slow
+def test_the_report_gathers_every_result(runs):
+    _run("report", f"--runs={runs}")
+    text = (runs / "report.md").read_text()
+    for title in ("Figure 1", "Figure 3", "Figures 6 and 7"):
+        assert title in text
+    assert "![cosine](cosine/cosine.png)" in text
+    assert "0.0003" in text  # the paper's numbers beside ours
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.cosine", *TINY, f"--workdir={path}"],
+        check=False,
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "is a file" in result.stderr
