@@ -106,10 +106,6 @@ def summary(points: list[dict], method: str) -> dict:
     }
 
 
-def fmt(x, spec=".3g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def table(results: dict, methods: Sequence[str]) -> str:
     header = [
         "method",
@@ -132,15 +128,17 @@ def table(results: dict, methods: Sequence[str]) -> str:
         rows.append(
             [
                 m,
-                fmt(s["cosine"]),
-                fmt(s["per_example_cosine"]),
-                fmt(layer),
-                fmt(s["one_step_gradient_norm"]),
-                fmt(s["one_step_paper"]),
-                fmt(paper[0]),
-                fmt(paper[1]),
-                fmt(s["cosine"] / base if base else None, ".0f"),
-                fmt(paper[0] / PAPER["directional"][0] if paper[0] else None, ".0f"),
+                measuring.number(s["cosine"], ".3g"),
+                measuring.number(s["per_example_cosine"], ".3g"),
+                measuring.number(layer, ".3g"),
+                measuring.number(s["one_step_gradient_norm"], ".3g"),
+                measuring.number(s["one_step_paper"], ".3g"),
+                measuring.number(paper[0], ".3g"),
+                measuring.number(paper[1], ".3g"),
+                measuring.number(s["cosine"] / base if base else None, ".0f"),
+                measuring.number(
+                    paper[0] / PAPER["directional"][0] if paper[0] else None, ".0f"
+                ),
             ]
         )
     return measuring.markdown(header, rows)

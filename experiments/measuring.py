@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from absl import flags
+from absl import flags, logging
 
 import guessgrad as gg
 from experiments import common  # noqa: F401  (before jax: the XLA flags)
@@ -167,6 +167,9 @@ def workdir(name: str) -> str:
 
 
 def prepare_workdir(name: str) -> str:
+    """Checks and creates the workdir (and quiets JAX's and Orbax's INFO lines)."""
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     path = workdir(name)
     experiment.check_workdir(path)
     os.makedirs(path, exist_ok=True)
@@ -207,6 +210,14 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def percent(x) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def number(x, spec: str = ".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def figure(columns: int = 1, width: float = 6.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -231,7 +242,9 @@ __all__ = [
     "define_flags",
     "figure",
     "markdown",
+    "number",
     "parse_methods",
+    "percent",
     "prepare_workdir",
     "save",
     "settings",

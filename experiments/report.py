@@ -3,8 +3,8 @@ r"""One Markdown page of every measurement's results, beside the paper's.
     python -m experiments.report                     # reads runs/, writes runs/report.md
     python -m experiments.report --runs=/tmp/runs --output=/tmp/report.md
 
-Finds the results of ``experiments.cosine``, ``experiments.bias`` and
-``experiments.subspace`` (their ``<name>.json`` files) under ``--runs`` and
+Finds the results of ``experiments.cosine``, ``bias``, ``bias_training``,
+``self_sharpening`` and ``subspace`` (their ``<name>.json`` files) under ``--runs`` and
 writes one page: per result, its settings, its table (the cosine table has
 the paper's Figure 1 numbers and ratios in its last columns), its figure,
 and what the paper reports for it.
@@ -26,6 +26,9 @@ flags.DEFINE_string("output", None, "The report's path (default <runs>/report.md
 EXPERIMENTS = {
     "cosine": "Cosine with the true gradient and one-step effectiveness (Figure 1)",
     "bias": "Bias: the cosine of the mean of K guesses (Figure 3, left)",
+    "bias_training": "A low cosine without bias: the oracle against the method (Figure 3, "
+    "middle and right)",
+    "self_sharpening": "Self-sharpening: effective rank and cosine over training (Figure 4)",
     "subspace": "Gradients and the activations' subspace (Figures 6 and 7)",
 }
 PAPER = {
@@ -34,6 +37,10 @@ PAPER = {
     "effectiveness 1e-6, 6.9e-4, 3.4e-3, 1.7e-3 (the paper's grid 1e-5..1e-1).",
     "bias": "Averaging guesses for one example: unbiased methods keep rising towards 1, "
     "biased ones (W^T, mixing) saturate.",
+    "bias_training": "oracle_angle at the cosine a guessing method reaches trains well; "
+    "the method's bias is what hurts, and more with momentum than without.",
+    "self_sharpening": "self_sharpening's guesses lower the weights' effective rank, which "
+    "raises its cosine while its accuracy falls behind W^T's.",
     "subspace": "The gradient's projection on the top-k principal directions of the "
     "activations is far closer to it than a random k-dimensional subspace's.",
 }

@@ -56,6 +56,15 @@ def runs(tmp_path_factory):
         f"--workdir={root / 'bias'}",
     )
     _run("subspace", *TINY, f"--workdir={root / 'subspace'}")
+    _run(
+        "bias_training",
+        *TINY,
+        "--cosine_batches=1",
+        f"--workdir={root / 'bias_training'}",
+    )
+    _run(
+        "self_sharpening", *TINY, "--points=2", f"--workdir={root / 'self_sharpening'}"
+    )
     return root
 
 
@@ -92,10 +101,36 @@ def test_subspace_overlap_reaches_one_at_full_rank(runs):
 
 
 @pytest.mark.slow
+def test_bias_training_trains_the_method_and_its_oracle_with_three_optimizers(runs):
+    record = _outputs(runs / "bias_training", "bias_training")
+    cosine = record["settings"]["cosine"]
+    assert 0 < cosine <= 1
+    assert set(record["runs"]) == {
+        f"{opt}/{m}"
+        for opt in ("sgd", "momentum", "adamw")
+        for m in ("wt", "oracle_angle")
+    }
+    with open(runs / "bias_training" / "adamw" / "oracle_angle" / "config.json") as f:
+        assert json.load(f)["estimator_options"]["cosine"] == pytest.approx(cosine)
+
+
+@pytest.mark.slow
+def test_self_sharpening_measures_every_checkpoint(runs):
+    record = _outputs(runs / "self_sharpening", "self_sharpening")
+    for run in record["runs"].values():
+        assert [p["step"] for p in run["points"]] == [3, 6]
+        for point in run["points"]:
+            # dense_0 is 784x16 (rank <= 16), dense_1 16x10 (rank <= 10).
+            ranks = point["effective_ranks"]
+            assert 1 <= ranks["params/dense_0/kernel"] <= 16
+            assert 1 <= ranks["params/dense_1/kernel"] <= 10
+
+
+@pytest.mark.slow
 def test_the_report_gathers_every_result(runs):
     _run("report", f"--runs={runs}")
     text = (runs / "report.md").read_text()
-    for title in ("Figure 1", "Figure 3", "Figures 6 and 7"):
+    for title in ("Figure 1", "Figure 3", "Figure 4", "Figures 6 and 7"):
         assert title in text
     assert "![cosine](cosine/cosine.png)" in text
     assert "0.0003" in text  # the paper's numbers beside ours
