@@ -149,3 +149,37 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     )
     assert result.returncode == 2
     assert "is a file" in result.stderr
+
+
+_POWER_ONE_IS_WT = """
+import jax, jax.numpy as jnp, numpy as np
+import guessgrad as gg
+from experiments.self_sharpening import powered_wt
+model = gg.models.MLP(depth=3, width=8, num_classes=4)
+batch = {"image": jax.random.normal(jax.random.key(0), (5, 6)),
+         "label": jnp.array([0, 1, 2, 3, 0])}
+params = model.init(jax.random.key(1), batch["image"])
+key = jax.random.key(2)
+# p = 1: U S V^T is W up to the SVD's float32 round-off.
+check = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+same = jax.tree.map(check,
+                    powered_wt(model, 1.0)(params, batch, key),
+                    gg.get_estimator("wt", model)(params, batch, key))
+sharper = powered_wt(model, 4.0)(params, batch, key)
+assert not np.allclose(sharper["params"]["dense_0"]["kernel"],
+                       gg.get_estimator("wt", model)(params, batch, key)["params"]["dense_0"]["kernel"])
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_guess_through_singular_values_to_the_power_one_is_wt():
+    result = subprocess.run(
+        [sys.executable, "-c", _POWER_ONE_IS_WT],
+        check=False,
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.strip().endswith("ok"), result.stderr
