@@ -19,11 +19,14 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+import guessgrad as gg
 from experiments import measuring
 from guessgrad import metrics
+from guessgrad._src import sites as sites_lib
 
 FLAGS = flags.FLAGS
 NAME = "bias"
@@ -42,6 +45,50 @@ def ks(max_guesses: int) -> tuple[int, ...]:
     """1, 2, 5, 10, 20, 50, ... up to and including ``max_guesses``."""
     out = [m * 10**e for e in range(8) for m in (1, 2, 5) if m * 10**e < max_guesses]
     return (*out, max_guesses)
+
+
+def analytic_wt(setup: measuring.Setup, params, example) -> list[dict]:
+    """Per hidden layer of an MLP: the bias of the (unnormalised) W^T guess, from its covariance.
+
+    At site ``l`` the guess ``y = D_l W_{l+1} eps`` (eps ~ N(0, I)) has
+    ``C = E[y y^T] = D_l W_{l+1} W_{l+1}^T D_l``, so ``E[g_hat] = C g`` with
+    ``g`` the example's gradient at the site: the relative bias
+    ``|(C - I) g| / |g|`` (:func:`guessgrad.metrics.analytic_bias`) and the
+    cosine ``cos(C g, g)`` the mean of many guesses tends to. (Activation
+    perturbation has ``C = I``: no bias.)
+    """
+    variables = sites_lib.split_variables(params)
+    args = (example["image"],)
+    found = gg.structure(setup.model, params, example)
+    zeros = {s.path: jnp.zeros(s.shape, s.dtype) for s in found.sites}
+
+    def loss(perturbations):
+        outputs, _, _ = sites_lib.run(
+            setup.model, variables, args, perturbations=perturbations
+        )
+        return gg.per_example_loss(outputs, example["label"]).mean()
+
+    site_grads = jax.grad(loss)(zeros)
+    _, raw, _ = sites_lib.run(setup.model, variables, args)
+    layers = []
+    for index, info in enumerate(found.sites[:-1]):
+        g, s = site_grads[info.path][0], raw[info.path][0]
+        d = (
+            jax.jvp(info.act, (s,), (jnp.ones_like(s),))[1]
+            if info.act
+            else jnp.ones_like(s)
+        )
+        w = params["params"][f"dense_{index + 1}"]["kernel"]
+        cov = (d[:, None] * w) @ (w.T * d[None, :])
+        _, relative = metrics.analytic_bias(cov, g)
+        layers.append(
+            {
+                "layer": index,
+                "relative_bias": float(relative),
+                "expected_cosine": float(metrics.cosine(cov @ g, g)),
+            }
+        )
+    return layers
 
 
 def main(argv: Sequence[str]) -> int:
@@ -83,6 +130,12 @@ def main(argv: Sequence[str]) -> int:
             f"[{NAME}] {method}: "
             + ", ".join(f"K={k} {c:.3f}" for k, c in zip(grid, curves[method]))
         )
+    analytic = []
+    if FLAGS.model == "mlp":
+        analytic = [
+            analytic_wt(setup, params, jax.tree.map(lambda x, i=i: x[i : i + 1], batch))
+            for i in range(FLAGS.examples)
+        ]
     results = {
         "experiment": NAME,
         "settings": measuring.settings()
@@ -90,6 +143,7 @@ def main(argv: Sequence[str]) -> int:
         "methods": methods,
         "ks": list(grid),
         "curves": curves,
+        "analytic_wt": analytic,
         # The paper's claim (Figure 3, left), not a number: unbiased methods keep
         # rising, biased ones saturate.
         "paper": "unbiased methods keep rising with K; biased ones (W^T, mixing) saturate",
@@ -111,6 +165,24 @@ def main(argv: Sequence[str]) -> int:
     )
     header = ["method"] + [f"K={k}" for k in shown] + ["last decade"]
     text = measuring.markdown(header, rows)
+    if analytic:
+        per_layer = [
+            (
+                np.mean([a[layer]["relative_bias"] for a in analytic]),
+                np.mean([a[layer]["expected_cosine"] for a in analytic]),
+            )
+            for layer in range(len(analytic[0]))
+        ]
+        text += (
+            "\n\nAnalytic bias of the unnormalised W^T guess, C = D W W^T D (mean over the examples):\n\n"
+            + measuring.markdown(
+                ["hidden layer", "relative bias ‖(C - I) g‖ / ‖g‖", "cos(C g, g)"],
+                [
+                    [str(i), f"{b:.3g}", f"{c:.3f}"]
+                    for i, (b, c) in enumerate(per_layer)
+                ],
+            )
+        )
     print(text)
     fig, (ax,) = measuring.figure(1)
     for m in methods:

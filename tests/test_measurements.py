@@ -89,6 +89,11 @@ def test_bias_writes_one_curve_per_method(runs):
     # Activation perturbation is unbiased: its mean of 20 guesses is closer than one guess.
     curve = record["curves"]["activation_perturbation"]
     assert curve[-1] > curve[0]
+    # The analytic W^T bias: one hidden layer (depth 2), for each of the 2 examples.
+    assert [len(a) for a in record["analytic_wt"]] == [1, 1]
+    for layer in record["analytic_wt"]:
+        assert layer[0]["relative_bias"] >= 0
+        assert -1 <= layer[0]["expected_cosine"] <= 1
 
 
 @pytest.mark.slow
@@ -124,6 +129,11 @@ def test_self_sharpening_measures_every_checkpoint(runs):
             ranks = point["effective_ranks"]
             assert 1 <= ranks["params/dense_0/kernel"] <= 16
             assert 1 <= ranks["params/dense_1/kernel"] <= 10
+    # Raising the singular values to a higher power concentrates the spectrum.
+    sweep = record["power_sweep"]
+    assert [r["p"] for r in sweep] == [0.1, 0.25, 0.5, 1, 2, 4]
+    ranks = [r["effective_rank"] for r in sweep]
+    assert all(a > b for a, b in zip(ranks, ranks[1:]))
 
 
 @pytest.mark.slow
