@@ -1,5 +1,6 @@
 """The measurement experiments: a smoke run of each with tiny settings, and the report over them."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -133,7 +134,7 @@ def test_self_sharpening_measures_every_checkpoint(runs):
     sweep = record["power_sweep"]
     assert [r["p"] for r in sweep] == [0.1, 0.25, 0.5, 1, 2, 4]
     ranks = [r["effective_rank"] for r in sweep]
-    assert all(a > b for a, b in zip(ranks, ranks[1:]))
+    assert all(a > b for a, b in itertools.pairwise(ranks))
 
 
 @pytest.mark.slow
