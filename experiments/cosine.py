@@ -226,15 +226,10 @@ def main(argv: Sequence[str]) -> int:
     text = table(results, methods)
     print(text)
     measuring.save(path, NAME, results, text, plot(results, methods))
-    if FLAGS.model == "mlp" and (FLAGS.depth, FLAGS.width, FLAGS.dataset) != (
-        6,
-        1024,
-        "cifar10",
-    ):
-        print(
-            "The paper's setting: python -m experiments.cosine --dataset=cifar10 "
-            "--data_dir=<tfds dir> --steps=3000 --points=30"
-        )
+    measuring.paper_hint(
+        NAME,
+        {"dataset": "cifar10", "depth": 6, "width": 1024, "steps": 3000, "points": 30},
+    )
     return 0
 
 

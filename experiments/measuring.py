@@ -228,6 +228,16 @@ def figure(columns: int = 1, width: float = 6.0):
     return fig, np.atleast_1d(axes)
 
 
+def paper_hint(name: str, paper: dict[str, Any]) -> None:
+    """Prints the command of the paper's setting when these flags differ from it."""
+    if all(FLAGS[flag].value == value for flag, value in paper.items()):
+        return
+    args = " ".join(f"--{flag}={value}" for flag, value in paper.items())
+    print(
+        f"The paper's setting: python -m experiments.{name} {args} --data_dir=<tfds dir>"
+    )
+
+
 def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(tree))
 
@@ -243,6 +253,7 @@ __all__ = [
     "figure",
     "markdown",
     "number",
+    "paper_hint",
     "parse_methods",
     "percent",
     "prepare_workdir",

@@ -124,6 +124,9 @@ def pretrained_backbone(
         options={},
         epochs=epochs,
         steps=None,
+        # One evaluation (and checkpoint) per epoch: the tuning's --eval_every
+        # counts tuning steps.
+        eval_every=max(data.num_train_examples(config.dataset) // config.batch_size, 1),
         learning_rate=learning_rate,
         workdir=os.path.join(workdir, "pretrain"),
         resume=True,
