@@ -230,7 +230,9 @@ def figure(columns: int = 1, width: float = 6.0):
 
 def paper_hint(name: str, paper: dict[str, Any]) -> None:
     """Prints the command of the paper's setting (an MLP's) when these flags differ from it."""
-    if FLAGS.model != "mlp" or all(FLAGS[flag].value == value for flag, value in paper.items()):
+    if FLAGS.model != "mlp" or all(
+        FLAGS[flag].value == value for flag, value in paper.items()
+    ):
         return
     args = " ".join(f"--{flag}={value}" for flag, value in paper.items())
     print(
