@@ -133,6 +133,11 @@ def pretrained_backbone(
     )
     print(f"[prompt_tuning] pretraining the backbone by backprop in {pretrain.workdir}")
     results = experiment.run(pretrain)
+    if results["status"] == "diverged":
+        raise experiment.WorkdirError(
+            f"Pretraining the backbone diverged: {results['message']} "
+            f"(in {pretrain.workdir}; lower --pretrain_learning_rate or start another --workdir)."
+        )
     if results["status"] != "done":
         raise experiment.Interrupted(
             results["step"], results["total_steps"], pretrain.workdir
