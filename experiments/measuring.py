@@ -93,7 +93,6 @@ def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Set
         FLAGS.batch_size,
         data_key,
         flatten=spec.flatten,
-        num_classes=dataset.num_classes,
     )
     params = spec.init_params(model, init_key, loader.batch(0)["image"])
     args = {**spec.estimator_args(), "trainable": spec.trainable()}

@@ -1105,7 +1105,6 @@ def _run(config: Config, signals: _Signals) -> dict[str, Any]:
         # Augmentation crops and flips [B, H, W, C] images; it flattens after.
         flatten=spec.flatten and not config.augment,
         sharding=parallel.batch_sharding(mesh),
-        num_classes=dataset.num_classes,
     )
     num_train_eval = min(config.train_eval_examples, len(dataset.train_labels))
     eval_loaders = {

@@ -205,6 +205,16 @@ class GraphContext:
         return jax.linear_transpose(fn, self.zeros[info.path])(cotangent)[0]
 
 
+def recomputes(mode: str, num_sites: int) -> bool:
+    """Whether :func:`linearize` should recompute: the map is applied once.
+
+    Joint mode, or a single site in any mode, applies the map once: a fresh
+    forward-mode pass keeps no activations. Per-site mode over several sites
+    applies it once per site, where one stored linearisation is cheaper.
+    """
+    return mode == "joint" or num_sites == 1
+
+
 def linearize(
     model,
     variables: Params,

@@ -262,10 +262,7 @@ def activation_space(
             structure,
             [s.path for s in active],
             rule.needs_label,
-            # One application of the map (joint mode, or one guessed site): a
-            # forward-mode pass that keeps no activations. Per-site mode applies
-            # it once per site, where one stored linearisation is cheaper.
-            recompute=mode == "joint" or len(active) == 1,
+            recompute=engine.recomputes(mode, len(active)),
         )
 
         def one_estimate(guess_key):
@@ -724,7 +721,7 @@ def directional_derivatives(
         rngs,
         found,
         list(tangents),
-        recompute=mode == "joint" or len(tangents) == 1,
+        recompute=engine.recomputes(mode, len(tangents)),
     )
     out = engine.derivatives(ctx, tangents, mode)
     return out if mode == "joint" else jnp.stack([out[p] for p in tangents])
