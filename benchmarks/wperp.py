@@ -1,11 +1,12 @@
-"""W-perp-NS: how close to exact W-perp, at what step time, against ``wt``.
+"""W-perp without an SVD: how close to exact W-perp, at what step time, against ``wt``.
 
-    python -m benchmarks.wperp            # MLP 6x1024, batch 128 (a few minutes)
-    python -m benchmarks.wperp --quick    # MLP 3x256, batch 128
+    python -m benchmarks.wperp                 # MLP 6x1024, batch 128 (about 10 minutes)
+    python -m benchmarks.wperp --quick         # MLP 3x256, batch 128
+    python -m benchmarks.wperp --cosine_widths=512,1024 --rounds=0   # + whole-network cosines
 
-For each candidate filter (``guesses.wperp_ns_hidden`` options, plus a
-dense-only variant that forms ``G = W W^T`` once per layer and batch) and two
-kinds of weights:
+For each candidate (``guesses.wperp_ns_hidden`` options: the Krylov
+subspace of the default and cheaper or dearer settings of it, the Chebyshev
+filter, and ``wt``) and two kinds of weights:
 
 * ``random``: the model's initialisation;
 * ``trained``: the same model after ``--train_steps`` steps of backprop with
@@ -13,18 +14,31 @@ kinds of weights:
   batch 128: real training, not a proxy.
 
 it reports, over the hidden sites whose next map has more than ``k`` outputs
-(below that every guess in J_b's row space is trivially inside the top-k):
+(below that every guess in J_b's row space is trivially inside the top-k),
+against the exact top-``k`` right singular subspace ``V_k`` of each of
+``--examples`` examples' ``J_b`` (float64):
 
-* ``share``: mean over examples and draws of ``|P_k y|^2 / |y|^2``, with P_k
-  the projector on the exact top-``k`` right singular subspace of ``J_b`` (an
-  SVD of the Jacobian of the next site map, for ``--examples`` examples);
+* ``share``: mean ``|P_k y|^2 / |y|^2`` of the guesses;
 * ``erank``: the effective rank ``(sum c)^2 / sum c^2`` of ``c_i = E[(v_i .
   y)^2 / |y|^2]``, i <= k: how evenly the guess covers the top-k directions
-  (exact W-perp: about ``k``; a filter that keeps only ``v_1``: 1).
+  (exact W-perp: about ``k``; a filter that keeps only ``v_1``: 1);
+* ``rq``: ``E[y^T A y] / E[|y|^2]`` over the mean of A's top-k eigenvalues,
+  ``A = J_b^T J_b`` (exact W-perp: 1; a guess on ``v_1`` alone: above 1);
+* ``cos2``: mean squared cosine between the guess and the true site gradient;
+* for the Krylov candidates, whose covariance is a projector ``P`` onto the
+  found subspace: ``proj``, the relative Frobenius error ``|P - P_k| /
+  |P_k|`` (0 exact; about 1.4 for an unrelated k-dimensional subspace), and
+  ``mean cos``, the cosine between ``P g`` and ``P_k g`` for the true site
+  gradient g: where the mean guess-times-derivative points against exact
+  W-perp's (per example, averaged);
 
-and the median time of the full jitted training step (estimate + AdamW) in
+then the median time of the full jitted training step (estimate + AdamW) in
 each mode, measured round-robin with ``wt`` in the same process, as a ratio
-to ``wt``'s step in the same mode. Writes the rows as JSON to ``--out``.
+to ``wt``'s step in the same mode. ``--cosine_widths``: the whole-network
+cosine of one estimate with the true gradient (``gg.metrics``) for exact
+``wperp``, the default ``wperp_ns``, its filter and ``wt``, at trained
+6xW MLPs, batch ``--cosine_batch``, over ``--cosine_batches`` batches.
+Writes everything as JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -77,48 +91,35 @@ flags.DEFINE_float(
 flags.DEFINE_list("candidates", None, "Candidate names to run (default: all).")
 flags.DEFINE_list("modes", ["per_layer", "joint"], "Modes to time.")
 flags.DEFINE_string("out", "benchmark_wperp.json", "Where to write the rows as JSON.")
+flags.DEFINE_list(
+    "cosine_widths", [], "Widths W of trained 6xW MLPs for whole-network cosines."
+)
+flags.DEFINE_integer("cosine_batch", 8, "Batch size of the whole-network cosines.")
+flags.DEFINE_integer("cosine_batches", 4, "Batches the whole-network cosines average.")
+flags.DEFINE_integer(
+    "cosine_keys", 2, "Estimates per batch for the whole-network cosines."
+)
 
 
-def _gram_shared_rule(degree: int, cutoff: float) -> rules.HiddenRule:
-    """Dense-only: the vector filter with ``G = K K^T`` formed once per layer.
-
-    ``J_b^T J_b v = D (G (D v))``: one n x n product per example and step
-    instead of two through the kernel, after an ``n^2 m`` product shared by
-    the batch. Pays off once ``degree * B`` exceeds about ``n``.
-    """
-
-    def rule(ctx, index, key):
-        kernel = ctx.layer_params[index + 1]["kernel"]  # [n, m]: s_{l+1} = x @ K + b
-        gram = kernel @ kernel.T
-        nxt = ctx.sites[index + 1]
-        eps = jax.random.normal(key, nxt.shape, nxt.dtype)
-        start = ctx.mask(index, eps @ kernel.T)
-        return rules.chebyshev_filter(
-            lambda v: ctx.mask(index, v @ gram), start, degree, cutoff
-        )
-
-    return rule
+# Krylov settings benchmarked besides the default: (block size, steps).
+KRYLOV_SETTINGS = ((4, 4), (2, 4), (2, 14))
 
 
-def candidates(rank: int) -> dict[str, rules.HiddenRule | None]:
-    """name -> hidden rule; None marks exact W-perp (energy only: too slow to time)."""
-    out: dict[str, rules.HiddenRule | None] = {"wt": rules.wt_hidden}
-    for iters in (0, 1, 2):
-        out[f"block r{rank} q{iters}"] = rules.wperp_ns_hidden(
-            rank, iters, 5, variant="block"
-        )
-    out["block r4 q1"] = rules.wperp_ns_hidden(4, 1, 5, variant="block")
-    for degree in (1, 2, 4, 6):
-        out[f"power d{degree}"] = rules.wperp_ns_hidden(
-            rank, degree, cutoff=0.0, variant="vector"
-        )
-    for cutoff in (0.5, 1.0):
-        for degree in (2, 4, 6, 8):
-            out[f"cheb c{cutoff} d{degree}"] = rules.wperp_ns_hidden(
-                rank, degree, cutoff=cutoff, variant="vector"
-            )
-    out["gram cheb c1.0 d6"] = _gram_shared_rule(6, 1.0)
-    out["wperp exact"] = None
+def candidates(rank: int) -> dict[str, tuple]:
+    """name -> (hidden rule or None for exact W-perp, Krylov (block, steps) or None)."""
+    default_block = rules.KRYLOV_BLOCK
+    default_steps = rules.krylov_steps(rank)
+    out: dict[str, tuple] = {"wt": (rules.wt_hidden, None)}
+    settings = [(default_block, default_steps)] + [
+        s for s in KRYLOV_SETTINGS if s != (default_block, default_steps)
+    ]
+    for block, steps in settings:
+        default = (block, steps) == (default_block, default_steps)
+        name = f"krylov b{block} d{steps}" + (" (default)" if default else "")
+        rule = rules.wperp_ns_hidden(rank, steps, block_size=block)
+        out[name] = (rule, (block, steps))
+    out["filter d6"] = (rules.wperp_ns_hidden(rank, 6, variant="vector"), None)
+    out["wperp exact"] = (None, None)
     return out
 
 
@@ -132,28 +133,26 @@ def train(model, params, loader: gdata.Loader, steps: int):
     return state.params, {k: float(v) for k, v in metrics.items()}
 
 
-def exact_bases(
-    ctx: rules.GuessContext, sites: list[int], rank: int
-) -> tuple[dict[int, np.ndarray], float]:
-    """Top-``rank`` right singular vectors of each example's J_b: [E, k, n] per site.
+def exact_bases(ctx: rules.GuessContext, sites: list[int], rank: int):
+    """Per site: the exact top-``rank`` right singular vectors of each example's J_b.
 
-    From the top eigenvectors of ``J_b^T J_b`` in float64 (LAPACK's subset
-    eigensolver: a full SVD of many 1024 x 1024 Jacobians takes minutes).
-    Also returns the mean gap ratio ``sigma_{k+1}^2 / sigma_k^2``: the closer
-    to 1, the harder any polynomial filter finds the top-k subspace (a
-    degree-d filter separates a relative gap delta only once d is of order
-    ``1 / sqrt(delta)``).
+    Returns ``({site: (vk [E, k, n], values [E, k], jac [E, m, n])}, gap)``,
+    from the top eigenvectors of ``J_b^T J_b`` in float64 (LAPACK's subset
+    eigensolver: a full SVD of many 1024 x 1024 Jacobians takes minutes),
+    and the mean gap ratio ``sigma_{k+1}^2 / sigma_k^2``: the closer to 1,
+    the harder any polynomial in ``J^T J`` finds the top-k subspace.
     """
     out, gaps = {}, []
     for index in sites:
         jac = np.asarray(ctx.next_jacobian(index), np.float64)  # [E, m, n]
         n = jac.shape[-1]
-        vecs = []
+        vecs, values = [], []
         for j in jac:
             w, v = scipy.linalg.eigh(j.T @ j, subset_by_index=[n - rank - 1, n - 1])
             vecs.append(v[:, :0:-1].T)
+            values.append(w[:0:-1])
             gaps.append(w[0] / w[1])
-        out[index] = np.stack(vecs)
+        out[index] = (np.stack(vecs), np.stack(values), jac.astype(np.float32))
     return out, float(np.mean(gaps))
 
 
@@ -176,15 +175,16 @@ def site_gradients(model, params, batch, examples: int, sites: list[int]):
 
 
 def energy_metrics(ys, bases, grads) -> dict[str, float]:
-    """Energy of guesses ``ys[site]`` ([draws, E, n]) in the exact top-k subspace.
+    """Energy of guesses ``ys[site]`` ([draws, E, n]) against the exact top-k subspace.
 
     ``share``: mean ``|P_k y|^2 / |y|^2``; ``erank``: effective rank of the
-    mean energy profile over the top-k directions; ``cos2``: mean squared
-    cosine between the guess and the true site gradient (what a one-guess
-    forward gradient's quality scales with).
+    mean energy profile over the top-k directions; ``rq``: Rayleigh quotient
+    ``E[|J y|^2] / E[|y|^2]`` over the mean top-k eigenvalue of ``J^T J``;
+    ``cos2``: mean squared cosine between the guess and the true site
+    gradient (what a one-guess forward gradient's quality scales with).
     """
-    shares, eranks, cos2 = [], [], []
-    for index, vk in bases.items():
+    shares, eranks, rqs, cos2 = [], [], [], []
+    for index, (vk, values, jac) in bases.items():
         y = np.asarray(ys[index], np.float64)
         y = y.reshape(y.shape[:2] + (-1,))  # [draws, E, n]
         energy = np.maximum(np.sum(y**2, -1), 1e-300)
@@ -192,14 +192,42 @@ def energy_metrics(ys, bases, grads) -> dict[str, float]:
         shares.append(np.mean(np.sum(coef, -1)))
         c = np.mean(coef, 0)  # [E, k]
         eranks.append(np.mean(np.sum(c, -1) ** 2 / np.sum(c**2, -1)))
+        image = np.einsum("emn,den->dem", jac, y)
+        rq = np.sum(image**2, (0, 2)) / np.sum(energy, 0)  # [E]
+        rqs.append(np.mean(rq / np.mean(values, -1)))
         g = grads[index]
         g_energy = np.maximum(np.sum(g**2, -1), 1e-300)
         cos2.append(np.mean(np.einsum("en,den->de", g, y) ** 2 / energy / g_energy))
     return {
         "share": float(np.mean(shares)),
         "erank": float(np.mean(eranks)),
+        "rq": float(np.mean(rqs)),
         "cos2": float(np.mean(cos2)),
     }
+
+
+def subspace_metrics(ctx, sites, rank, setting, bases, grads, key) -> dict[str, float]:
+    """Projector error and mean-direction cosine of the Krylov subspace against exact W-perp's."""
+    block, steps = setting
+    spaces = jax.jit(
+        lambda k: [rules.krylov_subspace(ctx, i, k, rank, block, steps) for i in sites]
+    )(key)
+    errors, cosines = [], []
+    for index, (ritz, keep) in zip(sites, spaces):
+        v = np.asarray(ritz, np.float64) * np.asarray(keep, np.float64)[..., None]
+        vk, g = bases[index][0], grads[index]
+        overlap = np.sum(np.einsum("ekn,ejn->ekj", v, vk) ** 2, (1, 2))
+        size = np.sum(v**2, (1, 2))  # the found rank (k, or fewer live directions)
+        errors.append(np.sqrt(np.maximum(size + rank - 2 * overlap, 0) / rank))
+        exact = np.einsum("ekn,ek->en", vk, np.einsum("ekn,en->ek", vk, g))
+        found = np.einsum("ekn,ek->en", v, np.einsum("ekn,en->ek", v, g))
+        cosines.append(
+            np.sum(exact * found, -1)
+            / np.maximum(
+                np.linalg.norm(exact, axis=-1) * np.linalg.norm(found, axis=-1), 1e-300
+            )
+        )
+    return {"proj": float(np.mean(errors)), "mean_cos": float(np.mean(cosines))}
 
 
 def draw_guesses(hidden, ctx, sites, draws: int, key) -> dict[int, np.ndarray]:
@@ -214,7 +242,7 @@ def exact_wperp_guesses(bases, draws: int, seed: int) -> dict[int, np.ndarray]:
     """Exact W-perp's guesses ``V_k z`` from the exact bases (no second SVD)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for index, vk in bases.items():
+    for index, (vk, _, _) in bases.items():
         z = rng.standard_normal((draws,) + vk.shape[:2])
         out[index] = np.einsum("dek,ekn->den", z, vk)
     return out
@@ -223,7 +251,7 @@ def exact_wperp_guesses(bases, draws: int, seed: int) -> dict[int, np.ndarray]:
 def gradient_in_top_k(bases, grads) -> float:
     """Mean share of the true site gradient's energy in the exact top-k subspace."""
     shares = []
-    for index, vk in bases.items():
+    for index, (vk, _, _) in bases.items():
         g = grads[index]
         proj = np.einsum("ekn,en->ek", vk, g)
         shares.append(
@@ -272,20 +300,96 @@ def time_steps(model, params, batch, named_rules, modes, rounds, max_seconds):
 
 def format_table(rows: list[dict], modes) -> str:
     kinds = ("random", "trained")
-    head = "| candidate |" + "".join(
-        f" share {k} | erank {k} | cos2 {k} |" for k in kinds
-    )
+    metrics = ("share", "erank", "rq", "cos2", "proj", "mean_cos")
+    head = "| candidate |" + "".join(f" {m} {k} |" for k in kinds for m in metrics)
     head += "".join(f" ms {m} | x wt {m} |" for m in modes)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    digits = {"erank": 1, "cos2": 4}
     for r in rows:
         line = f"| {r['name']} |"
         for k in kinds:
-            line += f" {r[f'share_{k}']:.3f} | {r[f'erank_{k}']:.1f} |"
-            line += f" {r[f'cos2_{k}']:.4f} |"
+            for m in metrics:
+                value = r.get(f"{m}_{k}")
+                line += " - |" if value is None else f" {value:.{digits.get(m, 3)}f} |"
         for m in modes:
             ms, ratio = r.get(f"ms_{m}"), r.get(f"x_wt_{m}")
             line += " - | - |" if ms is None else f" {ms:.1f} | {ratio:.2f} |"
         lines.append(line)
+    return "\n".join(lines)
+
+
+COSINE_METHODS = (
+    ("wt", "wt", {}),
+    ("wperp exact", "wperp", {}),
+    ("wperp_ns (Krylov, default)", "wperp_ns", {}),
+    ("wperp_ns filter", "wperp_ns", {"variant": "vector"}),
+)
+
+
+def whole_network_cosines(dataset, width: int) -> list[dict]:
+    """Cosine of one estimate with the true gradient at a trained 6x``width`` MLP, per method and mode."""
+    loader = gdata.Loader(
+        dataset.train_images, dataset.train_labels, 128, jax.random.key(0), flatten=True
+    )
+    model = gg.models.MLP(6, width, dataset.num_classes)
+    params = model.init(jax.random.key(0), loader.batch(0)["image"])
+    params, _ = train(model, params, loader, FLAGS.train_steps)
+
+    def true_grad(p, batch):
+        return jax.grad(
+            lambda q: jnp.mean(
+                gg.per_example_loss(model.apply(q, batch["image"]), batch["label"])
+            )
+        )(p)
+
+    rows = []
+    for mode in ("joint", "per_layer"):
+        for name, method, options in COSINE_METHODS:
+            estimator = jax.jit(
+                gg.build_estimator(method, model, mode=mode, rank=FLAGS.rank, **options)
+            )
+            values = []
+            for index in range(FLAGS.cosine_batches):
+                full = loader.batch(10_000 + index)
+                batch = {k: v[: FLAGS.cosine_batch] for k, v in full.items()}
+                report = gg.metrics.estimate_cosines(
+                    lambda p, b, k, est=estimator: est(p, b, k)[0],
+                    true_grad,
+                    params,
+                    batch,
+                    jax.random.key(index),
+                    num_keys=FLAGS.cosine_keys,
+                )
+                values.append(float(report["cosine"]))
+            rows.append(
+                {
+                    "width": width,
+                    "mode": mode,
+                    "name": name,
+                    "cosine": float(np.mean(values)),
+                    "sem": float(np.std(values) / np.sqrt(len(values))),
+                }
+            )
+            print(
+                f"  6x{width} {mode:9s} {name:28s} cosine {rows[-1]['cosine']:.4f}",
+                flush=True,
+            )
+    return rows
+
+
+def format_cosines(rows: list[dict]) -> str:
+    lines = [
+        "| MLP | mode | method | cosine | +- | / exact wperp |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    exact = {
+        (r["width"], r["mode"]): r["cosine"] for r in rows if r["name"] == "wperp exact"
+    }
+    for r in rows:
+        ratio = r["cosine"] / exact[(r["width"], r["mode"])]
+        lines.append(
+            f"| 6x{r['width']} | {r['mode']} | {r['name']} | {r['cosine']:.4f} | {r['sem']:.4f} | {ratio:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -331,6 +435,8 @@ def main(argv):
     rows = {name: {"name": name} for name in named}
     grad_shares, gaps = {}, {}
     for kind, params in (("random", random_params), ("trained", trained_params)):
+        if not FLAGS.examples:
+            break
         ctx = sub_context(model, params, eval_batch, FLAGS.examples)
         t0 = time.perf_counter()
         bases, gap = exact_bases(ctx, sites, rank)
@@ -343,24 +449,25 @@ def main(argv):
             f"sigma_(k+1)^2 / sigma_k^2 = {gap:.4f}",
             flush=True,
         )
-        for name, hidden in named.items():
+        for name, (hidden, setting) in named.items():
             if hidden is None:
                 ys = exact_wperp_guesses(bases, FLAGS.draws, seed=7)
             else:
                 ys = draw_guesses(hidden, ctx, sites, FLAGS.draws, jax.random.key(7))
             metrics = energy_metrics(ys, bases, grads)
+            if setting is not None:
+                metrics.update(
+                    subspace_metrics(
+                        ctx, sites, rank, setting, bases, grads, jax.random.key(8)
+                    )
+                )
             rows[name].update({f"{m}_{kind}": v for m, v in metrics.items()})
+        del bases
 
-    timed = {n: h for n, h in named.items() if h is not None}
+    timed = {n: h for n, (h, _) in named.items() if h is not None}
     modes = FLAGS.modes if FLAGS.rounds > 0 else []
     medians, rounds = time_steps(
-        model,
-        random_params,
-        eval_batch,
-        timed,
-        modes,
-        FLAGS.rounds,
-        FLAGS.max_seconds,
+        model, random_params, eval_batch, timed, modes, FLAGS.rounds, FLAGS.max_seconds
     )
     for (name, mode), median in medians.items():
         rows[name][f"ms_{mode}"] = 1e3 * median
@@ -369,8 +476,19 @@ def main(argv):
     table = format_table(rows, modes)
     print(
         f"\nMLP {depth}x{width}, batch {FLAGS.batch}, k={rank}, {FLAGS.examples} examples x "
-        f"{FLAGS.draws} draws per site, sites {sites}; {rounds} timed rounds\n{table}"
+        f"{FLAGS.draws} draws per site, sites {sites}; {rounds} timed rounds\n{table}",
+        flush=True,
     )
+    cosines = []
+    for cosine_width in FLAGS.cosine_widths:
+        cosines += whole_network_cosines(dataset, int(cosine_width))
+    if cosines:
+        print(
+            f"\nWhole-network cosine with the true gradient, trained 6xW MLPs "
+            f"({FLAGS.train_steps} backprop steps), batch {FLAGS.cosine_batch}, "
+            f"{FLAGS.cosine_batches} batches x {FLAGS.cosine_keys} keys, k={rank}:\n"
+            + format_cosines(cosines)
+        )
     with open(FLAGS.out, "w") as f:
         json.dump(
             {
@@ -386,6 +504,7 @@ def main(argv):
                 "gap_ratio_k_plus_1_over_k": gaps,
                 "timed_rounds": rounds,
                 "rows": rows,
+                "cosines": cosines,
             },
             f,
             indent=1,

@@ -486,33 +486,45 @@ def wperp_ns(
     model,
     *,
     rank: int = 10,
-    power_iters: int = 6,
+    variant: str = "krylov",
+    power_iters: int | None = None,
+    block_size: int | None = None,
     ns_steps: int = 5,
-    variant: str = "vector",
     cutoff: float = 1.0,
     **common,
 ) -> Estimator:
-    """W-perp without an SVD: the guess filtered towards the top right singular subspace.
+    """W-perp without an SVD: guesses in the top right singular subspace of ``J = W_{l+1} D_l``.
 
-    ``variant="vector"`` (default): ``y = p(J^T J) J^T eps`` with ``p`` a
-    degree-``power_iters`` Chebyshev filter whose band edge adapts to each
-    example (``cutoff`` in [0, 1]; 0 = power filter), at ``1 + 2 *
-    power_iters`` W^T-sized products. At 6x1024 the default puts 0.96 of each
-    guess's energy in the exact top-10 subspace on random weights and 1.00 on
-    trained ones, at 2.2x (per-layer) and 2.6x (joint) ``wt``'s step time
-    (``rank`` and ``ns_steps`` unused). ``variant="block"``: ``rank`` vectors
-    per example by subspace iteration with Newton-Schulz orthonormalisation
-    (isotropic within the subspace, like exact W-perp), ``rank * (1 + 2 *
-    power_iters)`` products.
+    ``variant="krylov"`` (default): per example, a block Krylov space of
+    ``J^T J`` (``block_size`` vectors, default 2; ``power_iters`` steps,
+    default enough for ``max(2 rank, 10)`` dimensions: 9 at rank 10) and Rayleigh-Ritz give the top-``rank``
+    subspace ``V_k``; ``y = V_k z``, isotropic over it like exact W-perp
+    (covariance a rank-k projector), at ``block_size * (2 power_iters + 2)``
+    W^T-sized products (40 at rank 10). ``variant="vector"``: ``y = p(J^T J)
+    J^T eps``, a degree-``power_iters`` (default 6) Chebyshev filter whose
+    band edge adapts to each example (``cutoff`` in [0, 1]; 0 = power
+    filter), ``1 + 2 * power_iters`` products; it piles the guess onto the
+    very top directions (not W-perp's covariance; ``rank`` unused).
+    ``variant="block"``: ``rank`` vectors by subspace iteration
+    (``power_iters``, default 2) with ``ns_steps`` Newton-Schulz steps.
     """
     _check_positive_int("rank", rank)
-    if not isinstance(power_iters, int) or power_iters < 0:
+    if power_iters is not None and (
+        not isinstance(power_iters, int) or power_iters < 0
+    ):
         raise ValueError(
-            f"power_iters must be a non-negative integer; got {power_iters!r}."
+            f"power_iters must be a non-negative integer or None; got {power_iters!r}."
         )
+    if block_size is not None:
+        _check_positive_int("block_size", block_size)
     _check_positive_int("ns_steps", ns_steps)
     hidden = rules.wperp_ns_hidden(
-        rank, power_iters, ns_steps, variant=variant, cutoff=cutoff
+        rank,
+        power_iters,
+        ns_steps,
+        variant=variant,
+        cutoff=cutoff,
+        block_size=block_size,
     )
     rule = rules.rule_from(hidden)
     return activation_space(model, rule, **common)

@@ -255,7 +255,23 @@ def newton_schulz_rows(block: Array, steps: int) -> Array:
     return x
 
 
-WPERP_NS_VARIANTS = ("vector", "block")
+WPERP_NS_VARIANTS = ("krylov", "vector", "block")
+# power_iters when not given, for the filter (degree) and the block variant.
+WPERP_NS_DEFAULT_ITERS = {"vector": 6, "block": 2}
+KRYLOV_BLOCK = 2
+
+
+def krylov_steps(rank: int, block_size: int = KRYLOV_BLOCK) -> int:
+    """The Krylov variant's default steps: a space of ``max(2 rank, 10)`` dimensions.
+
+    ``block_size * (steps + 1)`` dimensions, at ``block_size * (2 steps + 2)``
+    products: rank 10 with the default block of 2 takes 9 steps (20
+    dimensions, 40 products). At equal cost, a narrow deep space beats a
+    wide shallow one (at 6x1024, trained: mean cosine of the projected
+    gradient with exact W-perp's 0.996 for 2 vectors x 9 steps, 0.992 for 4
+    x 4, 0.97 for 10 x 1).
+    """
+    return max(1, -(-max(2 * rank, 10) // block_size) - 1)
 
 
 def _example_norms(x: Array) -> Array:
@@ -335,17 +351,117 @@ def _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps):
     return jnp.einsum("bk,bk...->b...", z, block)
 
 
+def _subspace_dtype(dtype) -> jnp.dtype:
+    """Orthogonalisation and Rayleigh-Ritz run in at least float32 (bfloat16 sites too)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def orthonormal_rows(block: Array, basis: Array | None = None) -> Array:
+    """Rows of each [p, n] block made orthonormal, and orthogonal to ``basis``'s [P, n] rows.
+
+    Two passes of: project out ``basis`` (classical Gram-Schmidt), then
+    whiten by the eigendecomposition of the block's p x p Gram matrix. A
+    direction whose residual is below ``sqrt(eps) * 10`` of the block's
+    largest is dependent on the rest (or numerical noise) and becomes a zero
+    row, so a rank-deficient block (fewer live units than vectors) gives zero
+    rows, never noise outside the row space. Cost ``O(B p (P + p) n)``: small
+    next to the products with the site map that made the block.
+    """
+    dtype = _subspace_dtype(block.dtype)
+    x = block.astype(dtype)
+    rtol = 10.0 * float(jnp.finfo(dtype).eps) ** 0.5
+    scale = jnp.max(jnp.sum(x * x, axis=-1), axis=-1)[:, None]  # [B, 1]
+    for _ in range(2):
+        if basis is not None:
+            x = x - jnp.einsum("bpq,bqn->bpn", jnp.einsum("bpn,bqn->bpq", x, basis), basis)
+        gram = jnp.einsum("bpn,bqn->bpq", x, x)
+        values, vectors = jnp.linalg.eigh(gram)
+        keep = values > (rtol**2) * scale
+        inverse = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, values, 1.0)), 0.0)
+        x = jnp.einsum("bpq,bq,bpn->bqn", vectors, inverse, x)
+        scale = jnp.ones_like(scale)
+    return x
+
+
+def krylov_subspace(
+    ctx, index: int, key: PRNGKey, rank: int, block_size: int, depth: int
+) -> tuple[Array, Array]:
+    """Approximate top-``rank`` right singular vectors of each example's ``J_b``.
+
+    Block Krylov space ``[Y, A Y, ..., A^depth Y]`` of ``A = J_b^T J_b``,
+    ``Y = J_b^T Omega`` with ``block_size`` Gaussian columns, orthonormalised
+    as it grows; then Rayleigh-Ritz. Returns ``(ritz, keep)``: [B, k, n]
+    orthonormal rows (flattened site), best first, and [B, k] whether each
+    has a Ritz value above zero (directions of a row space smaller than
+    ``k`` get no weight, as in exact W-perp).
+    """
+    site, nxt = ctx.value(index), ctx.value(ctx.target(index))
+    push, pull = ctx.next_maps(index)
+    pull_block = jax.vmap(pull, in_axes=1, out_axes=1)  # [B,p,m...] -> [B,p,n...]
+    push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n...] -> [B,p,m...]
+    batch = site.shape[0]
+    omega = like_batch(
+        jax.random.normal(key, (batch, block_size) + nxt.shape[1:], nxt.dtype), nxt
+    )
+
+    def flat(x):
+        return x.reshape(x.shape[:2] + (-1,))
+
+    basis, images = [], []
+    current = orthonormal_rows(flat(pull_block(omega)))  # J^T Omega: in the row space
+    for step in range(depth + 1):
+        basis.append(current)
+        image = push_block(current.astype(site.dtype).reshape(current.shape[:2] + site.shape[1:]))
+        images.append(flat(image).astype(current.dtype))
+        if step < depth:
+            grown = flat(pull_block(image)).astype(current.dtype)  # J^T J q
+            current = orthonormal_rows(grown, jnp.concatenate(basis, axis=1))
+    q = jnp.concatenate(basis, axis=1)  # [B, P, n], orthonormal (or zero) rows
+    z = jnp.concatenate(images, axis=1)  # [B, P, m] = J q
+    # Rayleigh-Ritz: q J^T J q^T = z z^T, no further product with the map.
+    values, vectors = jnp.linalg.eigh(jnp.einsum("bpm,bqm->bpq", z, z))
+    k = min(rank, q.shape[1])
+    values, vectors = values[:, -k:], vectors[:, :, -k:]
+    keep = values > values[:, -1:] * jnp.finfo(q.dtype).eps * 10 * q.shape[1]
+    ritz = jnp.einsum("bpk,bpn->bkn", vectors[:, :, ::-1], q)  # best first
+    return ritz, keep[:, ::-1]
+
+
+def _wperp_krylov(ctx, index, key, rank, block_size, depth):
+    """``y = V_k z`` with ``V_k`` from :func:`krylov_subspace` and ``z ~ N(0, I_k)``."""
+    site = ctx.value(index)
+    space_key, z_key = jax.random.split(key)
+    ritz, keep = krylov_subspace(ctx, index, space_key, rank, block_size, depth)
+    coefficients = jax.random.normal(z_key, keep.shape, ritz.dtype) * keep
+    coefficients = like_batch(coefficients, site)
+    guess = jnp.einsum("bk,bkn->bn", coefficients, ritz)
+    return guess.astype(site.dtype).reshape(site.shape)
+
+
 def wperp_ns_hidden(
     rank: int,
-    power_iters: int,
+    power_iters: int | None = None,
     ns_steps: int = 5,
     *,
-    variant: str = "vector",
+    variant: str = "krylov",
     cutoff: float = 1.0,
+    block_size: int | None = None,
 ) -> HiddenRule:
-    """W-perp without an SVD: the guess filtered towards J_b's top right singular subspace.
+    """W-perp without an SVD: a guess in J_b's (approximate) top right singular subspace.
 
-    ``variant="vector"`` (fast): one guess vector, ``y = p(J_b^T J_b) J_b^T
+    ``variant="krylov"`` (default, faithful): per example, the block Krylov
+    space ``[Y, A Y, ..., A^d Y]`` of ``A = J_b^T J_b`` from ``Y = J_b^T
+    Omega`` (``block_size`` columns, default 2; ``d = power_iters``, by
+    default enough for ``max(2 rank, 10)`` dimensions, :func:`krylov_steps`),
+    orthonormalised as it grows, then
+    Rayleigh-Ritz: the top-``rank`` eigenvectors of the small projected
+    matrix ``Q A Q^T`` (computed from the last pushes, no extra product)
+    give ``V_k``, and ``y = V_k z`` with ``z ~ N(0, I_k)``: isotropic over
+    the found subspace, covariance a rank-k projector, as exact W-perp's.
+    Cost ``block_size * (2 d + 2)`` products the size of ``W^T eps`` (rank
+    10: 40).
+
+    ``variant="vector"`` (cheaper, not W-perp): one guess vector, ``y = p(J_b^T J_b) J_b^T
     eps`` with eps ~ N(0, I) at ``s_{l+1}`` and ``p`` the degree-``power_iters``
     filter of :func:`chebyshev_filter` (``cutoff``; 0 gives the power filter).
     In J_b's singular basis the component along ``v_i`` is ``sigma_i
@@ -373,8 +489,17 @@ def wperp_ns_hidden(
             f"cutoff must be in [0, 1] (above 1 the filter's band can pass the "
             f"top of the spectrum and stop filtering); got {cutoff!r}."
         )
+    if block_size is None:
+        block_size = KRYLOV_BLOCK
+    if power_iters is None:
+        if variant == "krylov":
+            power_iters = krylov_steps(rank, block_size)
+        else:
+            power_iters = WPERP_NS_DEFAULT_ITERS[variant]
 
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+        if variant == "krylov":
+            return _wperp_krylov(ctx, index, key, rank, block_size, power_iters)
         if variant == "block":
             return _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps)
         nxt = ctx.value(ctx.target(index))
