@@ -345,9 +345,9 @@ def whole_network_cosines(dataset, width: int) -> list[dict]:
     rows = []
     for mode in ("joint", "per_layer"):
         for name, method, options in COSINE_METHODS:
-            estimator = jax.jit(
-                gg.build_estimator(method, model, mode=mode, rank=FLAGS.rank, **options)
-            )
+            if method.startswith("wperp"):
+                options = {"rank": FLAGS.rank, **options}
+            estimator = jax.jit(gg.build_estimator(method, model, mode=mode, **options))
             values = []
             for index in range(FLAGS.cosine_batches):
                 full = loader.batch(10_000 + index)

@@ -351,6 +351,12 @@ def _wperp_ns_block(ctx, index, key, rank, power_iters, ns_steps):
     return jnp.einsum("bk,bk...->b...", z, block)
 
 
+def _dot(subscripts: str, *operands: Array) -> Array:
+    """``einsum`` at full float32 precision: the subspace's Gram matrices and
+    projections must not drop to TF32 or bfloat16 passes on accelerators."""
+    return jnp.einsum(subscripts, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
 def _subspace_dtype(dtype) -> jnp.dtype:
     """Orthogonalisation and Rayleigh-Ritz run in at least float32 (bfloat16 sites too)."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -373,12 +379,12 @@ def orthonormal_rows(block: Array, basis: Array | None = None) -> Array:
     scale = jnp.max(jnp.sum(x * x, axis=-1), axis=-1)[:, None]  # [B, 1]
     for _ in range(2):
         if basis is not None:
-            x = x - jnp.einsum("bpq,bqn->bpn", jnp.einsum("bpn,bqn->bpq", x, basis), basis)
-        gram = jnp.einsum("bpn,bqn->bpq", x, x)
+            x = x - _dot("bpq,bqn->bpn", _dot("bpn,bqn->bpq", x, basis), basis)
+        gram = _dot("bpn,bqn->bpq", x, x)
         values, vectors = jnp.linalg.eigh(gram)
         keep = values > (rtol**2) * scale
         inverse = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, values, 1.0)), 0.0)
-        x = jnp.einsum("bpq,bq,bpn->bqn", vectors, inverse, x)
+        x = _dot("bpq,bpn->bqn", vectors * inverse[:, None, :], x)
         scale = jnp.ones_like(scale)
     return x
 
@@ -419,11 +425,11 @@ def krylov_subspace(
     q = jnp.concatenate(basis, axis=1)  # [B, P, n], orthonormal (or zero) rows
     z = jnp.concatenate(images, axis=1)  # [B, P, m] = J q
     # Rayleigh-Ritz: q J^T J q^T = z z^T, no further product with the map.
-    values, vectors = jnp.linalg.eigh(jnp.einsum("bpm,bqm->bpq", z, z))
+    values, vectors = jnp.linalg.eigh(_dot("bpm,bqm->bpq", z, z))
     k = min(rank, q.shape[1])
     values, vectors = values[:, -k:], vectors[:, :, -k:]
     keep = values > values[:, -1:] * jnp.finfo(q.dtype).eps * 10 * q.shape[1]
-    ritz = jnp.einsum("bpk,bpn->bkn", vectors[:, :, ::-1], q)  # best first
+    ritz = _dot("bpk,bpn->bkn", vectors[:, :, ::-1], q)  # best first
     return ritz, keep[:, ::-1]
 
 
