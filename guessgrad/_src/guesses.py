@@ -365,28 +365,33 @@ def _subspace_dtype(dtype) -> jnp.dtype:
 def orthonormal_rows(block: Array, basis: Array | None = None) -> Array:
     """Rows of each [p, n] block made orthonormal, and orthogonal to ``basis``'s [P, n] rows.
 
-    Two passes of: project out ``basis`` (classical Gram-Schmidt), then
-    whiten by the eigendecomposition of the block's p x p Gram matrix. A
-    direction whose residual is below ``sqrt(eps) * 10`` of the block's
-    largest is dependent on the rest (or numerical noise) and becomes a zero
-    row, so a rank-deficient block (fewer live units than vectors) gives zero
-    rows, never noise outside the row space. Cost ``O(B p (P + p) n)``: small
-    next to the products with the site map that made the block.
+    Gram-Schmidt, row by row, each projection done twice ("twice is
+    enough"): against ``basis``, then against the rows already accepted. A
+    row whose residual is below ``sqrt(eps) * 10`` of the block's largest
+    row is dependent on the rest (or numerical noise) and becomes a zero
+    row, so a rank-deficient block (fewer live units than vectors) gives
+    zero rows, never noise outside the row space. Vector operations only (no
+    factorisation): cost ``O(B p (P + p) n)``, small next to the products
+    with the site map that made the block.
     """
     dtype = _subspace_dtype(block.dtype)
     x = block.astype(dtype)
     rtol = 10.0 * float(jnp.finfo(dtype).eps) ** 0.5
-    scale = jnp.max(jnp.sum(x * x, axis=-1), axis=-1)[:, None]  # [B, 1]
-    for _ in range(2):
-        if basis is not None:
-            x = x - _dot("bpq,bqn->bpn", _dot("bpn,bqn->bpq", x, basis), basis)
-        gram = _dot("bpn,bqn->bpq", x, x)
-        values, vectors = jnp.linalg.eigh(gram)
-        keep = values > (rtol**2) * scale
-        inverse = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, values, 1.0)), 0.0)
-        x = _dot("bpq,bpn->bqn", vectors * inverse[:, None, :], x)
-        scale = jnp.ones_like(scale)
-    return x
+    scale = jnp.max(jnp.sum(x * x, axis=-1), axis=-1, keepdims=True)  # [B, 1]
+    rows: list[Array] = []
+    for index in range(x.shape[1]):
+        row = x[:, index]  # [B, n]
+        for _ in range(2):
+            if basis is not None:
+                row = row - _dot("bq,bqn->bn", _dot("bn,bqn->bq", row, basis), basis)
+            for done in rows:
+                row = row - jnp.sum(row * done, axis=-1, keepdims=True) * done
+        norm2 = jnp.sum(row * row, axis=-1, keepdims=True)
+        keep = norm2 > (rtol**2) * scale
+        rows.append(
+            jnp.where(keep, row * jax.lax.rsqrt(jnp.where(keep, norm2, 1.0)), 0.0)
+        )
+    return jnp.stack(rows, axis=1)
 
 
 def krylov_subspace(
@@ -417,7 +422,9 @@ def krylov_subspace(
     current = orthonormal_rows(flat(pull_block(omega)))  # J^T Omega: in the row space
     for step in range(depth + 1):
         basis.append(current)
-        image = push_block(current.astype(site.dtype).reshape(current.shape[:2] + site.shape[1:]))
+        image = push_block(
+            current.astype(site.dtype).reshape(current.shape[:2] + site.shape[1:])
+        )
         images.append(flat(image).astype(current.dtype))
         if step < depth:
             grown = flat(pull_block(image)).astype(current.dtype)  # J^T J q
