@@ -16,7 +16,7 @@ setuptools.setup(
     long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=setuptools.find_packages(include=["guessgrad", "guessgrad.*"]),
     package_data={"guessgrad.data": ["*.npz", "*.md"]},
     include_package_data=True,
@@ -41,7 +41,14 @@ setuptools.setup(
             "pillow>=9",
             "importlib_resources>=5",
         ],
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5"],
+        # nbclient, nbformat, ipykernel: tests/test_notebooks.py runs colab/*.ipynb.
+        "test": [
+            "pytest>=7.4",
+            "pytest-xdist>=3.5",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.25",
+        ],
         "dev": ["ruff>=0.5"],
     },
 )
