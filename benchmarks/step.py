@@ -36,6 +36,7 @@ from absl import app, flags
 
 import guessgrad as gg
 from benchmarks.common import compiled_bytes
+from guessgrad._src import guesses as rules
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -79,8 +80,21 @@ QUICK_PLAN = (
 INPUT_FEATURES, NUM_CLASSES = 784, 10
 # Exact W-perp takes one SVD per example and layer: minutes per step at width 1024.
 WPERP_MAX_WIDTH = 256
-# W-perp-NS costs 1 + 2 * power_iters W^T-sized products per site (block variant: x rank).
+# W-perp-NS costs wperp_ns_products(options) W^T-sized products per site.
 WPERP_NS_MAX_UNITS = 6 * 1024 * 128  # depth x width x batch
+
+
+def wperp_ns_products(options: dict) -> int:
+    """W^T-sized products per site of ``wperp_ns`` with ``options`` (every option given)."""
+    variant, rank = options["variant"], options["rank"]
+    if variant == "krylov":
+        block = options["block_size"] or rules.KRYLOV_BLOCK
+        steps = options["power_iters"]
+        steps = rules.krylov_steps(rank, block) if steps is None else steps
+        return block * (2 * steps + 2)
+    steps = options["power_iters"]
+    steps = rules.WPERP_NS_DEFAULT_ITERS[variant] if steps is None else steps
+    return (rank if variant == "block" else 1) * (1 + 2 * steps)
 
 
 def floor_macs(
@@ -121,11 +135,10 @@ def floor_macs(
         )
     elif method == "mixing":
         guess = sum(batch * batch * n for n in hidden)
-    elif method == "wperp_ns":  # vector filter: 1 + 2 * power_iters products
+    elif method == "wperp_ns":
         options = {**gg.estimator_options(method), **options}
-        block = options["variant"] == "block"
-        vectors = options["rank"] if block else 1
-        guess = vectors * (1 + 2 * options["power_iters"]) * after_first
+        products = wperp_ns_products(options)
+        guess = products * after_first
     else:
         return None
     if mode == "lean":  # pass 2 recomputes the forward pass and the guesses

@@ -83,7 +83,14 @@ _OPTIONS = (
         "power_iters",
         "power_iters",
         "integer",
-        "wperp_ns: degree of the filter towards the top singular directions.",
+        "wperp_ns: Krylov steps (default: enough for max(2 rank, 10) dimensions), "
+        "or the filter's degree (variant vector, default 6).",
+    ),
+    (
+        "block_size",
+        "block_size",
+        "integer",
+        "wperp_ns (variant krylov): vectors per Krylov block (default 2).",
     ),
     (
         "ns_steps",
@@ -91,7 +98,12 @@ _OPTIONS = (
         "integer",
         "wperp_ns (variant block): Newton-Schulz orthonormalisation steps.",
     ),
-    ("variant", "variant", "string", "wperp_ns: vector (default) or block."),
+    (
+        "variant",
+        "variant",
+        "string",
+        "wperp_ns: krylov (default: W-perp's subspace), vector (a filter) or block.",
+    ),
     (
         "cutoff",
         "cutoff",
