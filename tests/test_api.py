@@ -9,7 +9,7 @@ from conftest import ACTIVATION_SPACE, flat, make_batch
 
 import guessgrad as gg
 
-OPTIONS = {"wperp": {"rank": 3}, "wperp_ns": {"rank": 3}}
+OPTIONS = {"wperp": {"rank": 3}, "wperp_ns": {"rank": 3, "power_iters": 1}}
 
 
 def estimator(name, model, **kwargs):

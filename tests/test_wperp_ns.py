@@ -132,17 +132,6 @@ def test_more_iterations_put_more_energy_in_the_top_k(random_128):
 
 
 @pytest.mark.slow
-def test_block_variant_improves_with_iterations(random_128):
-    """Measured: 10 vectors, 2 iterations 0.70, 4 iterations 0.82."""
-    two = _share(rules.wperp_ns_hidden(RANK, 2, 5, variant="block"), random_128, [0, 1])
-    four = _share(
-        rules.wperp_ns_hidden(RANK, 4, 5, variant="block"), random_128, [0, 1]
-    )
-    assert two > 0.6
-    assert four > two + 0.06
-
-
-@pytest.mark.slow
 def test_guesses_vanish_on_dead_units_and_read_no_label(small_mlp):
     model, params, batch = small_mlp
     ctx = _context(model, params, batch)  # labels=None: reading them would fail
@@ -183,11 +172,7 @@ def test_works_on_a_non_dense_chain(normed_chain):
         jac = np.asarray(ctx.next_jacobian(index), np.float64)
         _, s, vh = np.linalg.svd(jac, full_matrices=False)
         live = s > s[:, :1] * 1e-6
-        for rule in (
-            rules.wperp_ns_hidden(rank),
-            _filter(rank, 4),
-            rules.wperp_ns_hidden(rank, 2, variant="block"),
-        ):
+        for rule in (rules.wperp_ns_hidden(rank), _filter(rank, 4)):
             (y,) = _draw(rule, ctx, [index], draws=8)
             coef = np.einsum("bkn,dbn->dbk", vh * live[..., None], y)
             np.testing.assert_allclose(np.sum(coef**2, -1), np.sum(y**2, -1), rtol=1e-4)
@@ -283,7 +268,7 @@ def test_estimator_with_the_rule_trains_under_jit():
     batch = make_batch(jax.random.key(4), batch_size=8, shape=(6,))
     params = model.init(jax.random.key(5), batch["image"])
     for mode in gg.MODES:
-        estimator = gg.build_estimator("wperp_ns", model, mode=mode)
+        estimator = gg.build_estimator("wperp_ns", model, mode=mode, rank=3)
         grads, _ = jax.jit(estimator)(params, batch, jax.random.key(6))
         flat = jax.flatten_util.ravel_pytree(grads)[0]
         assert np.all(np.isfinite(flat)) and np.any(flat != 0)
@@ -396,7 +381,7 @@ def test_krylov_covariance_on_trained_and_random_width_128(
     assert wt > 0.55
 
 
-def _mean_estimate(estimator, params, batch, keys, chunk=2000):
+def _mean_estimate(estimator, params, batch, keys, chunk=1000):
     run = jax.jit(
         jax.vmap(
             lambda k: jax.flatten_util.ravel_pytree(estimator(params, batch, k)[0])[0]
@@ -416,7 +401,7 @@ def _cos(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [3, 10])
 def test_krylov_mean_estimate_points_where_exact_wperps_does(random_16, rank):
-    """Mean of 10,000 estimates (4x16, batch 4, per-layer mode, default options)
+    """Mean of 5,000 estimates (4x16, batch 4, per-layer mode, default options)
     against exact W-perp's: measured 0.9998 for both ranks (the filter: 0.48 and
     0.33). Exact W-perp against itself with other keys: 0.9998."""
     model, params, batch = random_16
@@ -424,13 +409,13 @@ def test_krylov_mean_estimate_points_where_exact_wperps_does(random_16, rank):
         gg.build_estimator("wperp", model, rank=rank, mode="per_layer"),
         params,
         batch,
-        10_000,
+        5_000,
     )
     krylov = _mean_estimate(
         gg.build_estimator("wperp_ns", model, rank=rank, mode="per_layer"),
         params,
         batch,
-        10_000,
+        5_000,
     )
     assert _cos(krylov, exact) > 0.99
     vector = _mean_estimate(
@@ -439,14 +424,14 @@ def test_krylov_mean_estimate_points_where_exact_wperps_does(random_16, rank):
         ),
         params,
         batch,
-        4_000,
+        2_000,
     )
     assert _cos(vector, exact) < 0.8
 
 
 @pytest.mark.slow
 def test_krylov_whole_network_cosine_matches_exact_wperps(trained_mlp_128):
-    """Cosine of one estimate with the true gradient, mean of 64 keys, rank 10, at
+    """Cosine of one estimate with the true gradient, mean of 32 keys, rank 10, at
     the trained 3x128 (batch 16): the default is within 90%-125% of exact
     W-perp's in both modes. Measured: joint 0.121 vs 0.111, per-layer 0.208 vs
     0.192 (ratios 1.09, 1.08); W^T 0.113 and 0.190, the filter 0.096 and 0.205.
@@ -468,7 +453,7 @@ def test_krylov_whole_network_cosine_matches_exact_wperps(trained_mlp_128):
             params,
             batch,
             jax.random.key(3),
-            num_keys=64,
+            num_keys=32,
         )
         return float(report["cosine"])
 
