@@ -431,12 +431,13 @@ def test_krylov_mean_estimate_points_where_exact_wperps_does(random_16, rank):
 
 @pytest.mark.slow
 def test_krylov_whole_network_cosine_matches_exact_wperps(trained_mlp_128):
-    """Cosine of one estimate with the true gradient, mean of 32 keys, rank 10, at
-    the trained 3x128 (batch 16): the default is within 90%-125% of exact
-    W-perp's in both modes. Measured: joint 0.121 vs 0.111, per-layer 0.208 vs
-    0.192 (ratios 1.09, 1.08); W^T 0.113 and 0.190, the filter 0.096 and 0.205.
-    (At this size and batch W-perp buys W^T little cosine; at 6x1024 it does,
-    see ``python -m benchmarks.wperp``.)"""
+    """Cosine of one estimate with the true gradient, mean of 1024 keys, rank 10,
+    at the trained 3x128 (batch 16): the default is within 90%-110% of exact
+    W-perp's in both modes. Measured: joint 0.121 vs 0.124, per-layer 0.200 vs
+    0.203 (ratios 0.98, 0.98); W^T 0.117 and 0.188, the filter 0.127 and 0.230.
+    One estimate's cosine varies by about 0.1 from key to key, so 1024 keys
+    are needed for a ratio good to a few percent. (At this size W-perp buys
+    W^T little cosine; at 6x1024 it does, see ``python -m benchmarks.wperp``.)"""
     model, params, batch = trained_mlp_128
 
     def true_grad(p, b):
@@ -453,10 +454,10 @@ def test_krylov_whole_network_cosine_matches_exact_wperps(trained_mlp_128):
             params,
             batch,
             jax.random.key(3),
-            num_keys=32,
+            num_keys=1024,
         )
         return float(report["cosine"])
 
     for mode in ("joint", "per_layer"):
         exact, krylov = mean_cosine("wperp", mode), mean_cosine("wperp_ns", mode)
-        assert 0.9 * exact < krylov < 1.25 * exact
+        assert 0.9 * exact < krylov < 1.1 * exact
