@@ -5,7 +5,7 @@ import os
 # Tests run on the CPU with a fixed thread pool; keep XLA's scheduler away
 # from the batched-factorisation deadlock seen on this CPU (see SPEC.md). Most
 # of a test's time is XLA compiling programs that then run a few steps:
-# compile them without LLVM's expensive optimisations (the suite: 11 minutes
+# compile them without LLVM's expensive optimisations (the suite: 12 minutes
 # instead of 16.5 on 2 cores; the computations are the same).
 os.environ.setdefault(
     "XLA_FLAGS",
