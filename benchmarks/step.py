@@ -84,19 +84,6 @@ WPERP_MAX_WIDTH = 256
 WPERP_NS_MAX_UNITS = 6 * 1024 * 128  # depth x width x batch
 
 
-def wperp_ns_products(options: dict) -> int:
-    """W^T-sized products per site of ``wperp_ns`` with ``options`` (every option given)."""
-    variant, rank = options["variant"], options["rank"]
-    if variant == "krylov":
-        block = options["block_size"] or rules.KRYLOV_BLOCK
-        steps = options["power_iters"]
-        steps = rules.krylov_steps(rank, block) if steps is None else steps
-        return block * (2 * steps + 2)
-    steps = options["power_iters"]
-    steps = rules.WPERP_NS_DEFAULT_ITERS[variant] if steps is None else steps
-    return (rank if variant == "block" else 1) * (1 + 2 * steps)
-
-
 def floor_macs(
     method: str, mode: str | None, widths: list[int], batch: int, options: dict
 ) -> float | None:
@@ -136,8 +123,10 @@ def floor_macs(
     elif method == "mixing":
         guess = sum(batch * batch * n for n in hidden)
     elif method == "wperp_ns":
-        options = {**gg.estimator_options(method), **options}
-        products = wperp_ns_products(options)
+        o = {**gg.estimator_options(method), **options}
+        _, _, products = rules.wperp_ns_settings(
+            o["rank"], o["variant"], o["power_iters"], o["block_size"]
+        )
         guess = products * after_first
     else:
         return None

@@ -335,25 +335,23 @@ def whole_network_cosines(dataset, width: int) -> list[dict]:
     params = model.init(jax.random.key(0), loader.batch(0)["image"])
     params, _ = train(model, params, loader, FLAGS.train_steps)
 
+    backprop = gg.get_estimator("backprop", model)
+
     def true_grad(p, batch):
-        return jax.grad(
-            lambda q: jnp.mean(
-                gg.per_example_loss(model.apply(q, batch["image"]), batch["label"])
-            )
-        )(p)
+        return backprop(p, batch, None)
 
     rows = []
     for mode in ("joint", "per_layer"):
         for name, method, options in COSINE_METHODS:
             if method.startswith("wperp"):
                 options = {"rank": FLAGS.rank, **options}
-            estimator = jax.jit(gg.build_estimator(method, model, mode=mode, **options))
+            estimator = jax.jit(gg.get_estimator(method, model, mode=mode, **options))
             values = []
             for index in range(FLAGS.cosine_batches):
                 full = loader.batch(10_000 + index)
                 batch = {k: v[: FLAGS.cosine_batch] for k, v in full.items()}
                 report = gg.metrics.estimate_cosines(
-                    lambda p, b, k, est=estimator: est(p, b, k)[0],
+                    estimator,
                     true_grad,
                     params,
                     batch,

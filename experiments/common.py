@@ -83,8 +83,10 @@ _OPTIONS = (
         "power_iters",
         "power_iters",
         "integer",
-        "wperp_ns: Krylov steps (default: enough for max(2 rank, 10) dimensions), "
-        "or the filter's degree (variant vector, default 6).",
+        (
+            "wperp_ns: Krylov steps (default: enough for max(2 rank, 10) "
+            "dimensions), or the filter's degree (variant vector, default 6)."
+        ),
     ),
     (
         "block_size",

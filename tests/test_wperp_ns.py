@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_batch
+from conftest import cosine, make_batch
 
 import guessgrad as gg
 from guessgrad import data as gdata
@@ -384,7 +384,7 @@ def test_krylov_covariance_on_trained_and_random_width_128(
 def _mean_estimate(estimator, params, batch, keys, chunk=1000):
     run = jax.jit(
         jax.vmap(
-            lambda k: jax.flatten_util.ravel_pytree(estimator(params, batch, k)[0])[0]
+            lambda k: jax.flatten_util.ravel_pytree(estimator(params, batch, k))[0]
         )
     )
     total = 0.0
@@ -392,10 +392,6 @@ def _mean_estimate(estimator, params, batch, keys, chunk=1000):
         batch_keys = jax.random.split(jax.random.key(start), chunk)
         total = total + np.asarray(run(batch_keys), np.float64).sum(0)
     return total / keys
-
-
-def _cos(a, b):
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.mark.slow
@@ -406,27 +402,27 @@ def test_krylov_mean_estimate_points_where_exact_wperps_does(random_16, rank):
     0.33). Exact W-perp against itself with other keys: 0.9998."""
     model, params, batch = random_16
     exact = _mean_estimate(
-        gg.build_estimator("wperp", model, rank=rank, mode="per_layer"),
+        gg.get_estimator("wperp", model, rank=rank, mode="per_layer"),
         params,
         batch,
         5_000,
     )
     krylov = _mean_estimate(
-        gg.build_estimator("wperp_ns", model, rank=rank, mode="per_layer"),
+        gg.get_estimator("wperp_ns", model, rank=rank, mode="per_layer"),
         params,
         batch,
         5_000,
     )
-    assert _cos(krylov, exact) > 0.99
+    assert cosine(krylov, exact) > 0.99
     vector = _mean_estimate(
-        gg.build_estimator(
+        gg.get_estimator(
             "wperp_ns", model, rank=rank, mode="per_layer", variant="vector"
         ),
         params,
         batch,
         2_000,
     )
-    assert _cos(vector, exact) < 0.8
+    assert cosine(vector, exact) < 0.8
 
 
 @pytest.mark.slow
@@ -440,17 +436,12 @@ def test_krylov_whole_network_cosine_matches_exact_wperps(trained_mlp_128):
     W^T little cosine; at 6x1024 it does, see ``python -m benchmarks.wperp``.)"""
     model, params, batch = trained_mlp_128
 
-    def true_grad(p, b):
-        def loss(q):
-            return jnp.mean(gg.per_example_loss(model.apply(q, b["image"]), b["label"]))
-
-        return jax.grad(loss)(p)
+    backprop = gg.get_estimator("backprop", model)
 
     def mean_cosine(name, mode):
-        estimator = gg.build_estimator(name, model, mode=mode)
         report = gg.metrics.estimate_cosines(
-            lambda p, b, k: estimator(p, b, k)[0],
-            true_grad,
+            gg.get_estimator(name, model, mode=mode),
+            lambda p, b: backprop(p, b, None),
             params,
             batch,
             jax.random.key(3),

@@ -274,6 +274,33 @@ def krylov_steps(rank: int, block_size: int = KRYLOV_BLOCK) -> int:
     return max(1, -(-max(2 * rank, 10) // block_size) - 1)
 
 
+def wperp_ns_settings(
+    rank: int, variant: str, power_iters: int | None, block_size: int | None
+) -> tuple[int, int, int]:
+    """``(power_iters, block_size, products)`` with the defaults filled in.
+
+    ``products``: the ``W^T``-sized products per site: Krylov ``block_size *
+    (2 power_iters + 2)``, the filter ``1 + 2 power_iters``, the block
+    variant ``rank * (1 + 2 power_iters)``.
+    """
+    if variant not in WPERP_NS_VARIANTS:
+        raise ValueError(
+            f"variant must be one of {WPERP_NS_VARIANTS}; got {variant!r}."
+        )
+    if block_size is None:
+        block_size = KRYLOV_BLOCK
+    if power_iters is None:
+        if variant == "krylov":
+            power_iters = krylov_steps(rank, block_size)
+        else:
+            power_iters = WPERP_NS_DEFAULT_ITERS[variant]
+    if variant == "krylov":
+        products = block_size * (2 * power_iters + 2)
+    else:
+        products = (rank if variant == "block" else 1) * (1 + 2 * power_iters)
+    return power_iters, block_size, products
+
+
 def _example_norms(x: Array) -> Array:
     """Per-example norms of [B, ...], shaped to broadcast against ``x``."""
     norms = jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1))
@@ -493,22 +520,14 @@ def wperp_ns_hidden(
     Every product is a JVP or VJP of the next site map, so both variants work
     for any site map; guesses lie in J_b's row space (zero on dead units).
     """
-    if variant not in WPERP_NS_VARIANTS:
-        raise ValueError(
-            f"variant must be one of {WPERP_NS_VARIANTS}; got {variant!r}."
-        )
     if not 0 <= cutoff <= 1:
         raise ValueError(
             f"cutoff must be in [0, 1] (above 1 the filter's band can pass the "
             f"top of the spectrum and stop filtering); got {cutoff!r}."
         )
-    if block_size is None:
-        block_size = KRYLOV_BLOCK
-    if power_iters is None:
-        if variant == "krylov":
-            power_iters = krylov_steps(rank, block_size)
-        else:
-            power_iters = WPERP_NS_DEFAULT_ITERS[variant]
+    power_iters, block_size, _ = wperp_ns_settings(
+        rank, variant, power_iters, block_size
+    )
 
     def rule(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
         if variant == "krylov":
