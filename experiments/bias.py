@@ -192,10 +192,9 @@ def main(argv: Sequence[str]) -> int:
         ylabel="cosine of the mean with the gradient",
         title=f"bias: {results['settings']['model_label']}, {FLAGS.examples} examples",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    measuring.style(ax)
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(NAME, {"dataset": "cifar10", "depth": 6, "width": 1024})
+    measuring.paper_hint(NAME)
     return 0
 
 

@@ -146,12 +146,9 @@ def main(argv: Sequence[str]) -> int:
             curve = np.array(runs[f"{opt}/{name}"]["curve"], dtype=float).reshape(-1, 2)
             ax.plot(curve[:, 0], curve[:, 1], label=name)
         ax.set(xlabel="step", ylabel="train loss", yscale="log", title=f"{opt}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    measuring.style(axes)
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(
-        NAME, {"dataset": "cifar10", "depth": 6, "width": 1024, "steps": 5000}
-    )
+    measuring.paper_hint(NAME, steps=5000)
     return 0
 
 

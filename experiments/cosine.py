@@ -177,9 +177,7 @@ def plot(results: dict, methods: Sequence[str]):
         yscale="symlog",
         title="loss decrease / backprop's",
     )
-    for ax in (cos_ax, step_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    measuring.style([cos_ax, step_ax])
     fig.suptitle(
         f"{results['settings']['model_label']} on {results['settings']['dataset']}"
     )
@@ -226,10 +224,7 @@ def main(argv: Sequence[str]) -> int:
     text = table(results, methods)
     print(text)
     measuring.save(path, NAME, results, text, plot(results, methods))
-    measuring.paper_hint(
-        NAME,
-        {"dataset": "cifar10", "depth": 6, "width": 1024, "steps": 3000, "points": 30},
-    )
+    measuring.paper_hint(NAME, steps=3000, points=30)
     return 0
 
 

@@ -241,13 +241,9 @@ def main(argv: Sequence[str]) -> int:
         title="effective rank",
     )
     cos_ax.set(xlabel="step", ylabel="cosine with the gradient", title="cosine")
-    for ax in (rank_ax, cos_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    measuring.style([rank_ax, cos_ax])
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(
-        NAME, {"dataset": "cifar10", "depth": 6, "width": 1024, "steps": 5000}
-    )
+    measuring.paper_hint(NAME, steps=5000)
     return 0
 
 

@@ -127,7 +127,7 @@ def main(argv: Sequence[str]) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(NAME, {"dataset": "cifar10", "depth": 6, "width": 1024})
+    measuring.paper_hint(NAME)
     return 0
 
 
