@@ -23,10 +23,6 @@ NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 # Smoke runs over ~30 s on 2 CPU cores (every estimator compiled at least twice).
 SLOW = {"your_model.ipynb"}
 CELL_TIMEOUT_S = 300
-_SMOKE_XLA_FLAGS = (
-    "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true",
-)
 
 # Run before the notebook's own cells (in memory only): the kernel must be this Python.
 _KERNEL_CHECK = f"""
@@ -71,9 +67,7 @@ def test_runs_in_smoke_mode(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     notebook.cells.insert(0, nbformat.v4.new_code_cell(_KERNEL_CHECK))
     env = dict(os.environ, GUESSGRAD_SMOKE="1")
-    # Most of a smoke run is XLA compiling programs that then run a few steps:
-    # compile them without LLVM's optimisations (2-3x faster to compile).
-    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *_SMOKE_XLA_FLAGS]).strip()
+    # XLA_FLAGS comes from conftest: the kernel compiles as the tests do.
     # The notebook imports the guessgrad of this checkout, wherever it runs.
     root = str(pathlib.Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
