@@ -128,7 +128,7 @@ def test_unknown_names_and_options_list_the_valid_choices(small_mlp):
         ),
         (
             {"image": jnp.zeros((4, 7)), "label": jnp.zeros(4, jnp.int32)},
-            r"batch\[\"image\"\] has shape",
+            r"does not accept batch\[\"image\"\] of shape \(4, 7\)",
         ),
     ],
 )

@@ -117,7 +117,7 @@ class PatchLocal(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # [B, P, F]
-        h = gg.site(self, "patch", nn.Dense(self.width)(x), act=nn.relu)
+        h = gg.site(self, "patch", nn.Dense(self.width)(x), act=nn.relu, copy_axes=1)
         mine = h / h.shape[1]
         pooled = mine + jax.lax.stop_gradient(
             h.mean(1, keepdims=True) - mine
@@ -127,7 +127,7 @@ class PatchLocal(nn.Module):
 
 def patch_loss(outputs, batch):
     labels = jnp.broadcast_to(batch["label"][:, None], outputs.shape[:2])
-    return ce(outputs, labels)  # [B, P]
+    return gg.copies(ce(outputs, labels))  # [B, P] copies
 
 
 def mse(outputs, batch):

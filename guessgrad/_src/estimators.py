@@ -9,10 +9,13 @@ forward pass computed anyway (the batch loss and accuracy).
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from guessgrad._src import core, engine
@@ -20,7 +23,12 @@ from guessgrad._src import guesses as rules
 from guessgrad._src import sites as sites_lib
 from guessgrad._src.base import Array, Batch, EstimateFn, Estimator, Params, PRNGKey
 from guessgrad._src.models import Chain, chain_fns
-from guessgrad._src.sharding import explicit_spec
+from guessgrad._src.sharding import (
+    abstract_sharding,
+    explicit_spec,
+    mesh_of,
+    on_mesh_of_arguments,
+)
 
 DEFAULT_MODE = "per_layer"
 
@@ -68,6 +76,17 @@ def guess_keys(key: PRNGKey, num_guesses: int) -> PRNGKey:
 DROPOUT_SALT = 0x64726F70  # the model's "dropout" rng: fold_in(key, this)
 
 
+def model_rngs(key: PRNGKey) -> dict[str, PRNGKey]:
+    """The rngs an estimator called with ``key`` runs the model with: ``{"dropout": ...}``.
+
+    Every forward pass of one estimate uses them, so ``model.apply(params, x,
+    rngs=guessgrad.model_rngs(key))`` reproduces its dropout masks (for
+    ``jax.grad`` of the same objective, or to inspect them). The guesses draw
+    from ``key`` itself, independently of these.
+    """
+    return {"dropout": jax.random.fold_in(key, DROPOUT_SALT)}
+
+
 def default_loss(outputs: Array, batch: Batch) -> Array:
     """Softmax cross-entropy of ``outputs`` against integer ``batch["label"]``: [B]."""
     return core.per_example_loss(outputs, batch["label"])
@@ -86,7 +105,9 @@ class Problem:
     (abstractly) and cached.
     """
 
-    def __init__(self, model, loss_fn=None, inputs=None, trainable=None):
+    def __init__(
+        self, model, loss_fn=None, inputs=None, trainable=None, need_sites=True
+    ):
         if not hasattr(model, "apply"):
             raise TypeError(
                 f"Estimators need a Flax linen module with sites marked inside "
@@ -108,6 +129,7 @@ class Problem:
         self.loss_fn = default_loss if loss_fn is None else loss_fn
         self.inputs = default_inputs if inputs is None else inputs
         self.trainable = trainable
+        self.need_sites = need_sites  # False: weight-space methods take any model
         self._structures: dict = {}  # input signature and mask -> Structure
         self._checked_inputs: set = set()
 
@@ -124,11 +146,8 @@ class Problem:
         """``(variables, args, rngs, structure or None, Trainable)`` for one call."""
         self.check_batch(batch)
         variables = sites_lib.split_variables(params)
-        sites_lib.check_collections(variables)
         args = sites_lib.as_args(self.inputs(batch))
-        rngs = (
-            None if key is None else {"dropout": jax.random.fold_in(key, DROPOUT_SALT)}
-        )
+        rngs = None if key is None else model_rngs(key)
         mask = sites_lib.leaf_mask(self.trainable, variables)
         self.check_input(variables, args, rngs)
         structure = (
@@ -137,31 +156,51 @@ class Problem:
         return variables, args, rngs, structure, engine.Trainable(variables, mask)
 
     def check_input(self, variables, args, rngs) -> None:
-        """Raises a ValueError when the model cannot take ``args`` (checked abstractly, cached)."""
+        """Applies the model abstractly to ``args`` (cached per signature); raises what went wrong.
+
+        An input shape the parameters do not fit, or a variable collection the
+        model would update, is a ValueError saying so; any other error is
+        re-raised as it is, with a note naming the call.
+        """
         signature = _signature((variables, args))
         if signature in self._checked_inputs:
             return
+        shapes = jax.tree.map(jnp.shape, args)
+        where = (
+            f'batch["image"] of shape {shapes[0]}'
+            if self.default_inputs
+            else f"inputs(batch) of shapes {shapes}"
+        )
         try:
             jax.eval_shape(
                 lambda v, a: self.model.apply(v, *a, rngs=_abstract_rngs(rngs)),
                 _abstract(variables),
                 _abstract(args),
             )
-        except Exception as err:
-            reason = (
-                str(err).strip().splitlines()[0]
-                if str(err).strip()
-                else type(err).__name__
-            )
-            shapes = jax.tree.map(jnp.shape, args)
-            where = (
-                f'batch["image"] has shape {shapes[0]}'
-                if self.default_inputs
-                else f"inputs(batch) has shapes {shapes}"
-            )
+        except flax.errors.ScopeParamShapeError as err:
             raise ValueError(
-                f"{where}, which the model with these params does not accept: {reason}"
+                f"The model with these params does not accept {where}: "
+                f"{_first_line(err)}"
             ) from err
+        except flax.errors.ModifyScopeVariableError as err:
+            found = re.search(r'collection "([^"]+)"', str(err))
+            collection = repr(found.group(1)) if found else "a variable collection"
+            raise ValueError(
+                f"The model updates {collection} while it runs ({_first_line(err)}). "
+                f"Estimators run it with its variables fixed: "
+                f"collections other than 'params' are read-only constants (BatchNorm with "
+                f"use_running_average=True, any lookup table). A layer that mutates its "
+                f"state during training, such as BatchNorm(use_running_average=False), "
+                f"mixes the examples of a batch, which per-example derivatives cannot "
+                f"account for: use a per-example normalisation (nn.LayerNorm, "
+                f"nn.GroupNorm, nn.RMSNorm) or the running averages."
+            ) from err
+        except Exception as err:
+            err.add_note(
+                f"guessgrad: raised while applying {type(_unwrap(self.model)).__name__} "
+                f"to {where} with the given params (collections {sorted(variables)})."
+            )
+            raise
         self._checked_inputs.add(signature)
 
     def structure(self, variables, args, batch, rngs, mask) -> sites_lib.Structure:
@@ -175,6 +214,7 @@ class Problem:
                 _abstract(batch),
                 _abstract_rngs(rngs),
                 mask,
+                self.need_sites,
             )
         return self._structures[signature]
 
@@ -187,12 +227,23 @@ class Problem:
         return out
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _unwrap(model):
+    return getattr(model, "model", model)  # a MarkedModel's wrapped module
+
+
 def _abstract(tree):
     def one(x):
         if _is_key(x):
             return x
         return jax.ShapeDtypeStruct(
-            jnp.shape(x), jnp.result_type(x), sharding=explicit_spec(x)
+            jnp.shape(x),
+            jnp.result_type(x),
+            sharding=abstract_sharding(explicit_spec(x)),
         )
 
     return jax.tree.map(one, tree)
@@ -403,7 +454,7 @@ def directional(
     blocks' derivatives as noise (Ren et al.'s LG-FG-W, block-wise).
     """
     _check_common(num_guesses, "joint")
-    problem = Problem(model, loss_fn, inputs, trainable)
+    problem = Problem(model, loss_fn, inputs, trainable, need_sites=False)
     setup = _exact(problem, analyse=True)
 
     def estimate(params, batch, key):
@@ -552,25 +603,55 @@ def oracle_angle(
     ``g_theta = cos(theta) g + sin(theta) g_perp`` with ``cos(theta) = cosine`` and
     g_perp a random direction orthogonal to the gradient g with ``|g_perp| = |g|``:
     the estimate has the gradient's norm and exactly the given cosine with it,
-    and no bias in direction (E[g_theta] = cosine * g).
+    and no bias in direction (E[g_theta] = cosine * g). With several losses
+    (local losses) the angle is set per stage: the parameters that reach the
+    same losses (as :func:`guessgrad.structure` reports) get their own
+    ``g_perp``, so each stage's estimate has the given cosine with that
+    stage's gradient, and the whole estimate has it with the whole gradient.
     """
     if not -1.0 <= float(cosine) <= 1.0:
         raise ValueError(f"cosine must lie in [-1, 1]; got {cosine!r}.")
-    setup = _exact(Problem(model, loss_fn, inputs, trainable))
+    setup = _exact(
+        Problem(model, loss_fn, inputs, trainable, need_sites=False), analyse=True
+    )
 
     def estimate(params, batch, key):
-        loss, train = setup(params, batch, None)
+        loss, train, structure = setup(params, batch, None)
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(train.part)
         g, unravel = ravel_pytree(grads)
-        g_norm = jnp.linalg.norm(g)
-        unit = g / jnp.where(g_norm > 0, g_norm, 1.0)
         r = jax.random.normal(key, g.shape, g.dtype)
-        r = r - jnp.dot(r, unit) * unit
-        perp = r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(g.dtype).tiny) * g_norm
         sine = jnp.sqrt(1.0 - jnp.asarray(cosine, g.dtype) ** 2)
+        stages = _stages(structure, grads)
+        if len(stages) == 1:
+            return train.full(
+                unravel(cosine * g + sine * _perpendicular(g, r))
+            ), metrics
+        perp = sum(
+            _perpendicular(jnp.where(stage, g, 0), jnp.where(stage, r, 0))
+            for stage in stages
+        )
         return train.full(unravel(cosine * g + sine * perp)), metrics
 
     return estimate
+
+
+def _perpendicular(g: Array, r: Array) -> Array:
+    """``r`` made orthogonal to ``g`` and scaled to ``|g|``."""
+    g_norm = jnp.linalg.norm(g)
+    unit = g / jnp.where(g_norm > 0, g_norm, 1.0)
+    r = r - jnp.dot(r, unit) * unit
+    return r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(g.dtype).tiny) * g_norm
+
+
+def _stages(structure, trainable_grads) -> list:
+    """Per set of losses reached, a mask over the raveled trainable leaves (numpy, static)."""
+    reached = [r for r, m in zip(losses_reached(structure), structure.trainable) if m]
+    sizes = [x.size for x in jax.tree.leaves(trainable_grads)]
+    groups = sorted(set(reached))
+    if len(groups) == 1:
+        return [None]
+    ids = np.repeat([groups.index(r) for r in reached], sizes)
+    return [ids == k for k in range(len(groups))]
 
 
 ESTIMATORS: dict[str, Callable[..., Estimator]] = {
@@ -648,9 +729,10 @@ def build_estimator(
         raise ValueError(
             f"Unknown option(s) {unknown} for estimator {name!r}; valid options: {listing}."
         )
-    return factory(
+    estimator = factory(
         model, loss_fn=loss_fn, inputs=inputs, trainable=trainable, **options
     )
+    return on_mesh_of_arguments(estimator)
 
 
 def get_estimator(
@@ -681,7 +763,8 @@ def structure(
     """The model's site structure: sites in forward order, their targets and losses,
     and the site or loss that updates each parameter. ``print`` it for a table."""
     problem = Problem(model, loss_fn, inputs, trainable)
-    return problem.prepare(params, batch, jax.random.key(0))[3]
+    with mesh_of((params, batch)):
+        return problem.prepare(params, batch, jax.random.key(0))[3]
 
 
 def print_structure(
@@ -693,6 +776,7 @@ def print_structure(
     return found
 
 
+@on_mesh_of_arguments
 def directional_derivatives(
     model,
     params: Params,

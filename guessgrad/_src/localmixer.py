@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from guessgrad._src.base import Array
-from guessgrad._src.sites import NEXT, site, tap
+from guessgrad._src.sites import NEXT, copies, site, tap
 
 OBJECTIVES = ("global", "local", "local_greedy")
 
@@ -169,7 +169,9 @@ class MixerBlock(nn.Module):
             if self.middle_ln:
                 h = layer_norm(h)
         h = nn.Dense(self.channels, kernel_init=ren_normal, name="channel")(h)
-        h = site(self, "channel", post(h), act=nn.relu)
+        # The channel and grouped sites' elements of patch p, group g reach
+        # only copy (p, g) of the replicated loss: copy_axes=2.
+        h = site(self, "channel", post(h), act=nn.relu, copy_axes=2)
         h = h.reshape(batch, patches, self.groups, width)
         if self.middle_ln:
             h = layer_norm(h)
@@ -178,7 +180,7 @@ class MixerBlock(nn.Module):
         h = post(jnp.einsum("bpgc,gcd->bpgd", h, kernel) + bias)
         if not self.first:
             h = h + residual.reshape(h.shape)
-        return site(self, "grouped", h, act=nn.relu, next=self.head)
+        return site(self, "grouped", h, act=nn.relu, next=self.head, copy_axes=2)
 
 
 class LocalMixer(nn.Module):
@@ -298,8 +300,9 @@ def local_mixer(
 
 
 def _losses(outputs, batch):
+    """The model's losses; ``local_greedy``'s ``[B, P, G]`` head losses are its copies."""
     del batch
-    return outputs
+    return {k: copies(v) if jnp.ndim(v) > 1 else v for k, v in outputs.items()}
 
 
 def _images_and_labels(batch):

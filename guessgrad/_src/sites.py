@@ -38,7 +38,7 @@ from flax import traverse_util
 from jax.extend import core as jex_core
 
 from guessgrad._src.base import Array, Params
-from guessgrad._src.sharding import explicit_spec
+from guessgrad._src.sharding import abstract_sharding, explicit_spec
 
 SITES = "guessgrad_sites"
 TAPS = "guessgrad_taps"
@@ -187,19 +187,21 @@ def site(
         (relative to this module, or a full path); None to make it terminal.
       feeds: the losses whose derivatives this site's estimate uses; default:
         every loss its value reaches (found from the graph).
-      copy_axes: for losses with copies ``[B, c_1, ..., c_k]`` (Ren et al.'s
-        patch- and group-wise losses): how many leading copy axes this site's
-        layout follows. Element ``[b, i_1, ..., i_j, ...]`` of the site then
-        reaches only the copies ``[b, i_1, ..., i_j, *]``, and its estimate
-        uses their summed derivative (the site's axis ``j`` holds ``c_j``
-        blocks when ``j`` is the last). Default: every copy axis the shapes
-        allow (the site ``[B, P, G * C]`` against copies ``[P, G]``: 2);
-        ``0``: the copies' derivatives summed. Set it when a layer mixes
-        what the shapes would separate (a layer norm across groups: 1).
+      copy_axes: for losses declared as copies ``[B, c_1, ..., c_k]``
+        (:func:`copies`; Ren et al.'s patch- and group-wise losses): how many
+        leading copy axes this site's layout follows. Element ``[b, i_1, ...,
+        i_j, ...]`` of the site then reaches only the copies ``[b, i_1, ...,
+        i_j, *]``, and its estimate uses their summed derivative (the site's
+        axis ``j`` holds ``c_j`` blocks when ``j`` is the last: the site
+        ``[B, P, G * C]`` against copies ``[P, G]`` follows 2). Default (None
+        or 0): the copies' derivatives summed, the derivative of their mean,
+        which is right for every layout. Declare it only where the model
+        really keeps the copies apart: it is never inferred from shapes.
 
     With no estimator running (``model.init``, ``model.apply``) this is
     exactly ``act(value)``.
     """
+    _check_act(act, f"Site {name!r}")
     if copy_axes is not None and (
         not isinstance(copy_axes, int) or isinstance(copy_axes, bool) or copy_axes < 0
     ):
@@ -216,6 +218,15 @@ def site(
         apply_act=True,
         copy_axes=copy_axes,
     )
+
+
+def _check_act(act, where: str) -> None:
+    if act is not None and not callable(act):
+        hint = f" (nn.{act} or jax.nn.{act})" if isinstance(act, str) else ""
+        raise TypeError(
+            f"{where}: act must be the elementwise nonlinearity after the site, a "
+            f"function{hint}, or None; got {act!r}."
+        )
 
 
 def tap(module: nn.Module, name: str, value: Array) -> Array:
@@ -248,18 +259,24 @@ class MarkedModel:
     def apply(self, variables, *args, **kwargs):
         seen = set()
 
+        calls: dict[str, int] = {}
+
         def interceptor(next_fun, args_, kwargs_, context):
             out = next_fun(*args_, **kwargs_)
             if context.method_name != "__call__" or not _STATE.active:
                 return out
             path = "/".join(context.module.scope.path)
-            if path not in self.sites or path in seen:
+            if path not in self.sites:
                 return out
+            # A submodule called several times (shared weights): one site per
+            # call, "out", "out_1", ...; its parameters get every call's update.
+            count = calls.get(path, 0)
+            calls[path] = count + 1
             seen.add(path)
             act = self.sites[path]
             return _mark(
                 context.module,
-                "out",
+                "out" if count == 0 else f"out_{count}",
                 out,
                 act=act,
                 next=NEXT,
@@ -289,7 +306,10 @@ def mark_outputs(model: nn.Module, sites: Mapping[str, Callable | None]) -> Mark
     '/'-joined: ``"Dense_0"``, ``"encoder/Dense_1"``) to the activation the
     model applies right after that output (``nn.relu``), or None. The
     activation is metadata for the guesses (masks, mixing): the model applies
-    it itself. Each output becomes the site ``"<path>/out"``. Example::
+    it itself. Each output becomes the site ``"<path>/out"``; a submodule
+    called several times in one forward pass (shared weights) gives a site
+    per call, ``"<path>/out"``, ``"<path>/out_1"``, ..., and its parameters
+    the sum of their local updates, as marking each call would. Example::
 
         class Plain(nn.Module):  # from another project
             @nn.compact
@@ -306,6 +326,8 @@ def mark_outputs(model: nn.Module, sites: Mapping[str, Callable | None]) -> Mark
         )
     if not sites:
         raise ValueError("mark_outputs needs at least one submodule path to mark.")
+    for path, act in sites.items():
+        _check_act(act, f"mark_outputs' entry {path!r}")
     return MarkedModel(model, sites)
 
 
@@ -367,21 +389,86 @@ def run(
 # --- losses -------------------------------------------------------------------------
 
 
+@jax.tree_util.register_pytree_node_class
+class Copies:
+    """A loss ``[B, c_1, ..., c_k]`` declared as copies of one per-example loss (see :func:`copies`)."""
+
+    def __init__(self, value: Array):
+        self.value = value
+
+    def tree_flatten(self):
+        return (self.value,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(*children)
+
+    def __repr__(self) -> str:
+        return f"copies({getattr(self.value, 'shape', self.value)})"
+
+
+def copies(losses: Array) -> Copies:
+    """Declares the trailing axes of a per-example loss ``[B, c_1, ..., c_k]`` as copies.
+
+    Return it from ``loss_fn`` (alone or as a value of its dict). A loss with
+    copies counts as its mean over them, and a site that declares
+    ``copy_axes`` (:func:`site`) takes one derivative per copy: its element
+    ``[b, i_1, ..., i_j, ...]`` is scaled by the derivatives of the copies
+    ``[b, i_1, ..., i_j, *]`` only (Ren et al.'s patch- and group-wise
+    losses). Every other site uses the derivative of the mean.
+
+    Without this declaration a loss's axes after the batch axis are summed
+    per example: ``jnp.square(out - y)`` ``[B, D]`` is the per-example sum of
+    squared errors, a multi-label ``optax.sigmoid_binary_cross_entropy``
+    ``[B, L]`` the sum over labels. Copies are never inferred from shapes.
+    """
+    if jnp.ndim(losses) < 2:
+        raise ValueError(
+            f"guessgrad.copies needs a loss [B, c_1, ...] with at least one copy axis "
+            f"after the batch axis; got shape {jnp.shape(losses)}."
+        )
+    return Copies(losses)
+
+
 def normalize_losses(losses, batch_size: int | None = None) -> dict[str, Array]:
-    """``loss_fn``'s result as ``{name: [B, *copies]}``; checks it is per example."""
-    if not isinstance(losses, Mapping):
-        losses = {"loss": losses}
+    """``loss_fn``'s result as ``{name: [B] or [B, *copies]}``; checks it is per example.
+
+    A loss declared with :func:`copies` keeps its copy axes; any other loss's
+    axes after the batch axis are summed per example.
+    """
+    if isinstance(losses, Mapping):
+        items = list(losses.items())
+    else:
+        items = [("loss", losses)]
     out = {}
-    for name, value in losses.items():
-        if jnp.ndim(value) < 1 or (
-            batch_size is not None and jnp.shape(value)[0] != batch_size
-        ):
-            raise ValueError(
-                f"loss_fn must return per-example losses [B] (or [B, *copies]), or a dict of "
-                f"them; loss {name!r} has shape {jnp.shape(value)} for a batch of {batch_size}."
-            )
+    for name, value in items:
+        declared = isinstance(value, Copies)
+        if declared:
+            value = value.value
+        shape = jnp.shape(value)
+        check_per_example(name, shape, batch_size)
+        if len(shape) > 1 and not declared:
+            value = jnp.sum(value.reshape(shape[0], -1), axis=-1)
         out[str(name)] = value
     return out
+
+
+def check_per_example(name: str, shape, batch_size: int | None = None) -> None:
+    """Raises a ValueError unless a loss of ``shape`` is per example, [B, ...]."""
+    if len(shape) >= 1 and (batch_size is None or shape[0] == batch_size):
+        return
+    what = (
+        "a scalar (reduced over the batch?)"
+        if not shape
+        else f"of shape {tuple(shape)} for a batch of {batch_size}"
+    )
+    raise ValueError(
+        f"loss_fn must return per-example losses [B] (or [B, ...]: summed per "
+        f"example, or declared as copies with guessgrad.copies), or a dict of "
+        f"them; loss {name!r} is {what}. Return the losses before their mean "
+        f"over the batch."
+    )
 
 
 def copies_of(shape: Sequence[int]) -> int:
@@ -604,7 +691,7 @@ def _tangent_dependencies(fn, fixed, point) -> list[int]:
 
 
 def _struct(shape, dtype, spec):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=abstract_sharding(spec))
 
 
 def _bits(x: int) -> list[int]:
@@ -626,9 +713,7 @@ def _layout(
             and site_shape[k] % copies[k - 1] == 0
         )
 
-    if copy_axes is None:
-        return "copies" if follows(len(copies)) else "summed"
-    if copy_axes == 0:
+    if not copy_axes:  # undeclared or 0: never inferred from shapes
         return "summed"
     if copy_axes > len(copies) or not follows(copy_axes):
         raise ValueError(
@@ -658,9 +743,13 @@ def _resolve(name, mark: _Mark, names: Sequence[str], kind: str):
 
 
 def analyse(
-    model, variables, args, loss_fn, batch, rngs, trainable_leaves
+    model, variables, args, loss_fn, batch, rngs, trainable_leaves, need_sites=True
 ) -> Structure:
-    """Traces the model abstractly (no FLOPs) and returns its :class:`Structure`."""
+    """Traces the model abstractly (no FLOPs) and returns its :class:`Structure`.
+
+    ``need_sites=False`` (weight-space methods) accepts a model without sites:
+    the structure then holds the losses and the loss each parameter reaches.
+    """
     params = split_variables(variables)
     recorder = {SITES: {}, TAPS: {}}
 
@@ -680,7 +769,7 @@ def analyse(
         lambda p, a, b: forward(p, a, b, None, record=recorder), params, args, batch
     )
     marks = recorder[SITES]
-    if not marks:
+    if not marks and need_sites:
         raise ValueError(
             f"{type(model).__name__} marks no sites. Mark the values to guess inside the "
             f"model with guessgrad.site(self, name, value, act=...), or from outside with "
@@ -693,8 +782,12 @@ def analyse(
             f"they sit inside {_TRANSFORM_HINT}"
         )
     paths = list(marks)  # forward order
-    batch_size = marks[paths[0]].shape[0] if marks[paths[0]].shape else None
-    losses = normalize_losses(losses, batch_size)
+    if paths:
+        batch_size = marks[paths[0]].shape[0] if marks[paths[0]].shape else None
+    else:
+        batch_size = jax.tree.leaves(args)[0].shape[0]
+    for name, value in losses.items():  # normalised inside forward: [B] or copies
+        check_per_example(name, value.shape, batch_size)
     for p in paths:
         if not marks[p].shape or marks[p].shape[0] != batch_size:
             raise ValueError(
@@ -707,8 +800,10 @@ def analyse(
     zeros = {
         p: _struct(marks[p].shape, marks[p].dtype, marks[p].sharding) for p in paths
     }
-    out_bits = _tangent_dependencies(
-        lambda f, d: forward(*f, d), (params, args, batch), zeros
+    out_bits = (
+        _tangent_dependencies(lambda f, d: forward(*f, d), (params, args, batch), zeros)
+        if paths
+        else []
     )
     out_names = (
         [f"loss:{n}" for n in sorted(losses)]
@@ -823,44 +918,47 @@ def _key_name(key) -> str:
     return str(key)
 
 
-def check_collections(params: Params) -> None:
-    """Rejects variable collections other than ``params`` (BatchNorm's ``batch_stats``...)."""
-    extra = sorted(k for k in params if k != "params")
-    if extra:
-        raise ValueError(
-            f"The model's variables hold the collection(s) {extra} besides 'params'. "
-            f"Estimators differentiate per example with the model's state fixed, and a "
-            f"mutable collection such as BatchNorm's 'batch_stats' is updated from statistics "
-            f"that mix the examples of a batch, which per-example forward-mode derivatives "
-            f"cannot account for. Use a per-example normalisation (nn.LayerNorm, "
-            f"nn.GroupNorm, nn.RMSNorm), or BatchNorm(use_running_average=True) with its "
-            f"statistics passed as constants outside the estimator."
-        )
-
-
 def as_args(value) -> tuple:
     """``inputs(batch)`` -> the model's positional call arguments."""
     return value if isinstance(value, tuple) else (value,)
 
 
-def leaf_mask(trainable, params) -> tuple[bool, ...] | None:
-    """``trainable`` (None, a pytree of bools, or params -> pytree) as one bool per leaf."""
+def leaf_mask(trainable, variables) -> tuple[bool, ...] | None:
+    """``trainable`` as one bool per leaf of ``variables`` (None: every leaf trainable).
+
+    ``trainable`` is None, a pytree of bools shaped like ``variables`` (or
+    like ``{"params": ...}`` alone), or a function of ``variables`` returning
+    one. Collections other than ``"params"`` (BatchNorm's running averages,
+    constants) are never trainable: they pass through unchanged.
+    """
+    with_path = jax.tree_util.tree_flatten_with_path(variables)[0]
+    in_params = tuple(_key_name(path[0]) == "params" for path, _ in with_path)
     if trainable is None:
-        return None
-    mask = trainable(params) if callable(trainable) else trainable
-    try:
-        flags = jax.tree.leaves(jax.tree.map(lambda _, m: m, params, mask))
-    except (ValueError, TypeError) as err:
+        return None if all(in_params) else in_params
+    mask = trainable(variables) if callable(trainable) else trainable
+    params_only = {"params": variables["params"]}
+    for target in (variables, params_only):
+        try:
+            flags = jax.tree.leaves(jax.tree.map(lambda _, m: m, target, mask))
+            whole = target is variables
+            break
+        except (ValueError, TypeError):
+            continue
+    else:
         raise ValueError(
             f"trainable must be a pytree of bools with the structure of params (or a callable "
             f"returning one, as optax.masked takes); its structure "
-            f"{jax.tree.structure(mask)} does not match params' {jax.tree.structure(params)}."
-        ) from err
-    out = []
+            f"{jax.tree.structure(mask)} does not match params' "
+            f"{jax.tree.structure(variables)}."
+        )
     for flag in flags:
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"trainable's leaves must be Python bools; got {flag!r}.")
-        out.append(bool(flag))
+    flags = iter(bool(f) for f in flags)
+    if whole:
+        out = tuple(next(flags) and p for p in in_params)
+    else:  # shaped like {"params": ...}: the other collections are frozen
+        out = tuple(next(flags) if p else False for p in in_params)
     if not any(out):
         raise ValueError("trainable marks no parameter as trainable.")
-    return tuple(out)
+    return out
