@@ -8,6 +8,7 @@ forward pass computed anyway (the batch loss and accuracy).
 
 from __future__ import annotations
 
+import collections
 import inspect
 import re
 from collections.abc import Callable
@@ -130,8 +131,6 @@ class Problem:
         self.inputs = default_inputs if inputs is None else inputs
         self.trainable = trainable
         self.need_sites = need_sites  # False: weight-space methods take any model
-        self._structures: dict = {}  # input signature and mask -> Structure
-        self._checked_inputs: set = set()
 
     def check_batch(self, batch: Batch) -> None:
         if self.default_loss:
@@ -162,8 +161,12 @@ class Problem:
         model would update, is a ValueError saying so; any other error is
         re-raised as it is, with a note naming the call.
         """
-        signature = _signature((variables, args))
-        if signature in self._checked_inputs:
+        signature = (
+            _model_key(self.model),
+            _signature((variables, args)),
+            rngs is None,
+        )
+        if _CHECKED_INPUTS.get(signature):
             return
         shapes = jax.tree.map(jnp.shape, args)
         where = (
@@ -201,12 +204,27 @@ class Problem:
                 f"to {where} with the given params (collections {sorted(variables)})."
             )
             raise
-        self._checked_inputs.add(signature)
+        _CHECKED_INPUTS.put(signature, True)
 
     def structure(self, variables, args, batch, rngs, mask) -> sites_lib.Structure:
-        signature = (_signature((variables, args, batch)), mask)
-        if signature not in self._structures:
-            self._structures[signature] = sites_lib.analyse(
+        """The model's :class:`~guessgrad.Structure`, analysed once per model, loss, inputs and signature.
+
+        The cache is shared by every estimator of the same model (equal linen
+        modules, the same ``loss_fn`` and ``inputs`` functions), so building
+        several estimators traces the model's structure once.
+        """
+        signature = (
+            _model_key(self.model),
+            self.loss_fn,
+            self.inputs,
+            self.need_sites,
+            _signature((variables, args, batch)),
+            mask,
+            rngs is None,
+        )
+        found = _STRUCTURES.get(signature)
+        if found is None:
+            found = sites_lib.analyse(
                 self.model,
                 _abstract(variables),
                 _abstract(args),
@@ -216,7 +234,8 @@ class Problem:
                 mask,
                 self.need_sites,
             )
-        return self._structures[signature]
+            _STRUCTURES.put(signature, found)
+        return found
 
     def metrics(self, outputs, batch, losses: dict[str, Array]) -> dict[str, Array]:
         out = {"loss": sum(jnp.mean(v) for v in losses.values())}
@@ -225,6 +244,46 @@ class Problem:
         if self.default_loss:
             out["accuracy"] = core.accuracy(outputs, batch["label"])
         return out
+
+
+class _Cache:
+    """A small least-recently-used map (analyses hold no arrays, only shapes and names)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        return None
+
+    def put(self, key, value) -> None:
+        try:
+            hash(key)
+        except TypeError:
+            return
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+_STRUCTURES = _Cache(128)
+_CHECKED_INPUTS = _Cache(512)
+
+
+def _model_key(model):
+    """Equal linen modules (same class and fields) share their analysis.
+
+    Other models are keyed by identity; an unhashable one is not cached.
+    """
+    return model
 
 
 def _first_line(err: Exception) -> str:
@@ -705,17 +764,25 @@ def build_estimator(
     Args:
       name: a key of :data:`ESTIMATORS`.
       model: a Flax linen module with sites marked inside (:func:`guessgrad.site`),
-        a :func:`guessgrad.mark_outputs` model, or a :class:`guessgrad.models.Chain`.
+        a :func:`guessgrad.mark_outputs` model, or a :class:`guessgrad.models.Chain`
+        (``backprop``, ``directional`` and ``oracle_angle`` take any module).
       loss_fn: ``(outputs, batch) -> [B]`` per-example losses, or a dict of
-        named ones (local losses), each ``[B]`` or ``[B, *copies]``; the
-        objective is the sum of their means. Default: softmax cross-entropy of
-        the outputs against integer ``batch["label"]``.
+        named ones (local losses); the objective is the sum of their means
+        over the batch. A loss ``[B, ...]`` is summed per example over its
+        other axes, unless declared as copies with :func:`guessgrad.copies`
+        (then counted as their mean). Default: softmax cross-entropy of the
+        outputs against integer ``batch["label"]``.
       inputs: ``batch -> `` the model's call argument (a tuple for several).
         Default: ``batch["image"]``.
-      trainable: a pytree of bools with the structure of ``params``, or a
-        callable from ``params`` to one (as ``optax.masked`` takes). Frozen
-        leaves get exact zeros; sites that update no trainable leaf are not
-        guessed.
+      trainable: a pytree of bools with the structure of ``params`` (or of
+        ``{"params": ...}`` alone), or a callable from ``params`` to one (as
+        ``optax.masked`` takes). Frozen leaves get exact zeros; sites that
+        update no trainable leaf are not guessed. Collections other than
+        ``"params"`` (BatchNorm's running averages) are constants: never
+        trainable, zero estimates.
+
+    The model runs with ``rngs=guessgrad.model_rngs(key)`` (dropout). Arrays
+    sharded on a mesh work with or without a context mesh.
       **options: the method's options (:func:`estimator_options`).
 
     Metrics: ``loss`` (the objective), ``loss/<name>`` per loss when there are
