@@ -100,6 +100,7 @@ def main(argv: Sequence[str]) -> int:
             raise ValueError("--max_guesses and --examples must be at least 1.")
         path = measuring.prepare_workdir(NAME)
         setup = measuring.setup(methods)
+        methods = [v.label for v in measuring.variants(methods)]
     except (ValueError, TypeError) as err:
         return measuring.fail(NAME, err)
     grid = ks(FLAGS.max_guesses)

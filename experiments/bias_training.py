@@ -5,9 +5,10 @@ r"""The paper's Figure 3 (middle and right): is a low cosine enough, and what do
 
 Measures the mean cosine of ``--method``'s estimate with the true gradient at
 initialisation (:func:`guessgrad.metrics.estimate_cosines`, over a few
-batches), then trains, with the one training loop of every experiment
+batches; in ``--mode``, default joint, the paper's estimator), then trains, with the one training loop of every experiment
 (:func:`guessgrad.experiment.run`), both ``--method`` and ``oracle_angle`` at
-that cosine (an unbiased guess with the same angle), with plain SGD, SGD
+that cosine (an unbiased guess with the same angle; by default the paper's
+step ``(g . u) u`` along the unit guess u, ``--oracle_scale``), with plain SGD, SGD
 with momentum and AdamW. If the loss curves of the oracle are good where the
 method's are not, bias (not the angle) is what holds the method back; the
 paper finds momentum makes bias hurt more. Prints the table and writes
@@ -41,6 +42,13 @@ flags.DEFINE_float("adamw_learning_rate", 1e-3, "Step size of AdamW.")
 flags.DEFINE_integer(
     "cosine_batches", 4, "Batches the method's cosine is averaged over."
 )
+flags.DEFINE_enum(
+    "oracle_scale",
+    "directional",
+    ["directional", "gradient"],
+    "oracle_angle's step: directional, the paper's (g.u)u along the unit guess u "
+    "(cosine times the gradient's norm); gradient, the gradient's norm.",
+)
 
 
 def measured_cosine(setup: measuring.Setup, method: str) -> float:
@@ -64,6 +72,9 @@ def main(argv: Sequence[str]) -> int:
         methods = measuring.parse_methods()
         if len(methods) != 1 or methods[0] == "oracle_angle":
             raise ValueError("--methods names one guessing method (e.g. wt).")
+        if len(measuring.modes()) != 1:
+            raise ValueError("--mode names one mode here (default joint, the paper's).")
+        (variant,) = measuring.variants(methods)
         method = methods[0]
         path = measuring.prepare_workdir(NAME)
         setup = measuring.setup(methods)
@@ -91,7 +102,11 @@ def main(argv: Sequence[str]) -> int:
                 method=name,
                 optimizer=opt,
                 learning_rate=rates[opt],
-                options={"cosine": cosine} if name == "oracle_angle" else {},
+                options=(
+                    {"cosine": cosine, "scale": FLAGS.oracle_scale}
+                    if name == "oracle_angle"
+                    else variant.options
+                ),
                 workdir=os.path.join(path, opt, name),
             )
             for opt in OPTIMIZERS
@@ -116,7 +131,13 @@ def main(argv: Sequence[str]) -> int:
     results = {
         "experiment": NAME,
         "settings": measuring.settings()
-        | {"method": method, "cosine": cosine, "learning_rates": dict(rates)},
+        | {
+            "method": method,
+            "options": variant.options,
+            "cosine": cosine,
+            "oracle_scale": FLAGS.oracle_scale,
+            "learning_rates": dict(rates),
+        },
         "runs": runs,
         "paper": "oracle_angle at a guessing method's cosine trains well; the method's "
         "bias hurts, more so with momentum",
@@ -139,7 +160,7 @@ def main(argv: Sequence[str]) -> int:
             ]
         )
     text = measuring.markdown(header, rows)
-    print(f"oracle_angle at cosine {cosine:.4f}\n{text}")
+    print(f"oracle_angle ({FLAGS.oracle_scale} step) at cosine {cosine:.4f}\n{text}")
     fig, axes = measuring.figure(len(OPTIMIZERS), width=4.0)
     for ax, opt in zip(axes, OPTIMIZERS):
         for name in (method, "oracle_angle"):

@@ -74,6 +74,16 @@ _OPTIONS = (
         "Cosine of oracle_angle's guess with the true gradient.",
     ),
     (
+        "scale",
+        "scale",
+        "string",
+        (
+            "oracle_angle: gradient (the estimate has the gradient's norm) or "
+            "directional (the paper's step (g.u)u along the unit guess u: cosine "
+            "times as long)."
+        ),
+    ),
+    (
         "mask",
         "mask",
         "bool",
@@ -84,7 +94,7 @@ _OPTIONS = (
         "power_iters",
         "integer",
         (
-            "wperp_ns: Krylov steps (default: enough for max(2 rank, 10) "
+            "wperp_ns: Krylov steps (default: enough for max(3 rank, 16) "
             "dimensions), or the filter's degree (variant vector, default 6)."
         ),
     ),
@@ -197,8 +207,26 @@ def define_flags(
         "at width 128, orders of magnitude more than the others.",
     )
     f["progress"] = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    define_option_flags()
+
+
+def define_option_flags(exclude: Sequence[str] = ()) -> None:
+    """Defines a flag per estimator option (unset: the estimator's default), but ``exclude``."""
+    if _OPTION_FLAGS:
+        raise RuntimeError("The estimator option flags were already defined.")
     for name, option, kind, help_text in _OPTIONS:
-        _OPTION_FLAGS.append((_DEFINE[kind](name, None, help_text), option))
+        if name not in exclude:
+            _OPTION_FLAGS.append((_DEFINE[kind](name, None, help_text), option))
+
+
+def options_for(method: str) -> dict[str, object]:
+    """The options set by flags that ``method`` takes."""
+    taken = gg.estimator_options(method)
+    return {
+        option: holder.value
+        for holder, option in _OPTION_FLAGS
+        if holder.value is not None and option in taken
+    }
 
 
 def estimator_options(methods: Sequence[str]) -> dict[str, object]:

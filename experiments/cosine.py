@@ -10,8 +10,12 @@ true gradient (mean over ``--num_keys`` keys), the per-layer cosines, the
 per-example cosine (the estimate and the gradient of one example alone, over
 ``--examples`` examples), and one-step effectiveness in both conventions
 (the paper's: raw estimate, steps 1e-5..1e-1; scale-free: the estimate
-rescaled to the gradient's norm, steps 10^(k/4)). Prints the table (means
-over the trajectory, the paper's numbers beside), and writes cosine.json,
+rescaled to the gradient's norm, steps 10^(k/4)). Activation-space methods
+are measured in every mode of ``--mode`` (default both): ``joint`` is the
+paper's estimator, one directional derivative per example across every
+layer; ``per_layer`` takes one per site, a larger cosine the paper does not
+report. Prints the table (means over the trajectory, the paper's numbers
+beside the joint rows), and writes cosine.json,
 cosine.md and cosine.png (cosine vs step, log scale) to the workdir.
 """
 
@@ -38,7 +42,9 @@ PAPER = {
 }
 
 measuring.define_flags(
-    steps=300, methods="directional,activation_perturbation,mixing,wt"
+    steps=300,
+    methods="directional,activation_perturbation,mixing,wt",
+    mode="joint,per_layer",
 )
 flags.DEFINE_integer(
     "points", 6, "Trajectory points measured (0 and --steps included)."
@@ -106,9 +112,16 @@ def summary(points: list[dict], method: str) -> dict:
     }
 
 
-def table(results: dict, methods: Sequence[str]) -> str:
+def table(results: dict, variants: Sequence[measuring.Variant]) -> str:
+    """Means over the trajectory; the paper's numbers beside its own estimator.
+
+    The paper measures one directional derivative per example across every
+    layer (``joint``); ``per_layer`` rows (one derivative per site) have no
+    paper counterpart.
+    """
     header = [
         "method",
+        "mode",
         "cosine",
         "per-example cosine",
         "mean layer cosine",
@@ -121,13 +134,18 @@ def table(results: dict, methods: Sequence[str]) -> str:
     ]
     base = results["summary"].get("directional", {}).get("cosine")
     rows = []
-    for m in methods:
-        s = results["summary"][m]
-        paper = PAPER.get(m, (None, None))
+    for v in variants:
+        s = results["summary"][v.label]
+        paper = (
+            PAPER.get(v.method, (None, None))
+            if v.mode in (None, "joint")
+            else (None, None)
+        )
         layer = float(np.mean(list(s["layer_cosines"].values())))
         rows.append(
             [
-                m,
+                v.method,
+                v.mode or "weights",
                 measuring.number(s["cosine"], ".3g"),
                 measuring.number(s["per_example_cosine"], ".3g"),
                 measuring.number(layer, ".3g"),
@@ -189,11 +207,13 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         methods = measuring.parse_methods()
+        variants = measuring.variants(methods)
         path = measuring.prepare_workdir(NAME)
         setup = measuring.setup(methods)
     except (ValueError, TypeError) as err:
         return measuring.fail(NAME, err)
-    measure = {m: jax.jit(functools.partial(measure_point, setup, m)) for m in methods}
+    labels = [v.label for v in variants]
+    measure = {m: jax.jit(functools.partial(measure_point, setup, m)) for m in labels}
     points = []
     key = jax.random.key(FLAGS.seed + 1)
     for step, params in measuring.trajectory(setup, FLAGS.points):
@@ -216,14 +236,16 @@ def main(argv: Sequence[str]) -> int:
             "num_keys": FLAGS.num_keys,
             "examples": FLAGS.examples,
         },
-        "methods": methods,
+        "methods": labels,
+        "variants": {v.label: {"method": v.method, **v.options} for v in variants},
         "points": points,
-        "summary": {m: summary(points, m) for m in methods},
+        "summary": {m: summary(points, m) for m in labels},
         "paper": {m: {"cosine": c, "one_step": s} for m, (c, s) in PAPER.items()},
+        "paper_mode": "joint",
     }
-    text = table(results, methods)
+    text = table(results, variants)
     print(text)
-    measuring.save(path, NAME, results, text, plot(results, methods))
+    measuring.save(path, NAME, results, text, plot(results, labels))
     measuring.paper_hint(NAME, steps=3000, points=30)
     return 0
 

@@ -25,7 +25,7 @@ import optax
 from absl import flags, logging
 
 import guessgrad as gg
-from experiments import common  # noqa: F401  (before jax: the XLA flags)
+from experiments import common  # before jax: the XLA flags
 from guessgrad import data, experiment
 
 FLAGS = flags.FLAGS
@@ -33,9 +33,18 @@ MODELS = ("mlp", "localmixer")
 
 
 def define_flags(
-    *, steps: int, methods: str, depth: int = 6, width: int = 1024
+    *, steps: int, methods: str, depth: int = 6, width: int = 1024, mode: str = "joint"
 ) -> None:
+    """The measurement flags, with every estimator option (``--mode`` a list)."""
     flags.DEFINE_enum("model", "mlp", MODELS, "The network measured.")
+    flags.DEFINE_list(
+        "mode",
+        mode,
+        f"Derivative modes measured for activation-space methods, comma-separated "
+        f"({', '.join(gg.MODES)}): joint is the paper's estimator (one directional "
+        f"derivative per example across every layer), per_layer one per site.",
+    )
+    common.define_option_flags(exclude=("mode",))
     flags.DEFINE_integer("depth", depth, "MLP: linear layers.")
     flags.DEFINE_integer("width", width, "MLP: hidden units per layer.")
     flags.DEFINE_string("config", "tiny", "LocalMixer: a named size.")
@@ -80,8 +89,57 @@ def parse_methods() -> list[str]:
     return [m for m in methods if m != "backprop"]
 
 
+def modes() -> list[str]:
+    """``--mode`` checked: a non-empty list of distinct modes."""
+    chosen = list(FLAGS.mode)
+    bad = [m for m in chosen if m not in gg.MODES]
+    if bad or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(
+            f"--mode must list distinct modes among {', '.join(gg.MODES)}; got "
+            f"{','.join(chosen) or 'none'}."
+        )
+    return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One estimator measured: a method with its options (a mode among ``--mode``)."""
+
+    label: str  # "wt" or, with several modes, "wt (joint)"
+    method: str
+    options: dict
+
+    @property
+    def mode(self) -> str | None:
+        return self.options.get("mode")
+
+
+def variants(methods: Sequence[str]) -> list[Variant]:
+    """Each method with the option flags it takes, once per ``--mode`` if it has modes.
+
+    With one mode a variant's label is the method's name; with several,
+    ``"<method> (<mode>)"``.
+    """
+    chosen = modes()
+    common.estimator_options(methods or ["backprop"])  # a flag no method takes: error
+    out = []
+    for method in methods:
+        options = common.options_for(method)
+        if "mode" not in gg.estimator_options(method):
+            out.append(Variant(method, method, options))
+            continue
+        for mode in chosen:
+            label = method if len(chosen) == 1 else f"{method} ({mode})"
+            out.append(Variant(label, method, {**options, "mode": mode}))
+    return out
+
+
 def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Setup:
-    """Builds the model, loads the data and builds every estimator (backprop included)."""
+    """Builds the model, loads the data and every estimator: backprop and each of :func:`variants`.
+
+    ``Setup.estimators`` is keyed by the variants' labels; ``options``
+    (label -> options) adds to or overrides what the flags set.
+    """
     spec = model_spec()
     spec.validate(data.image_shape(FLAGS.dataset))
     dataset = data.load(FLAGS.dataset, FLAGS.data_dir)
@@ -97,10 +155,11 @@ def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Set
     params = spec.init_params(model, init_key, loader.batch(0)["image"])
     args = {**spec.estimator_args(), "trainable": spec.trainable()}
     options = options or {}
-    estimators = {
-        name: gg.get_estimator(name, model, **args, **options.get(name, {}))
-        for name in ["backprop", *methods]
-    }
+    estimators = {"backprop": gg.get_estimator("backprop", model, **args)}
+    for v in variants(methods):
+        estimators[v.label] = gg.get_estimator(
+            v.method, model, **args, **{**v.options, **options.get(v.label, {})}
+        )
     metric_fn = gg.build_estimator("backprop", model, **args)
 
     def loss_fn(params, batch):
@@ -118,22 +177,26 @@ def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Set
     )
 
 
-def trajectory(setup: Setup, points: int) -> Iterator[tuple[int, Any]]:
-    """Trains by backprop (AdamW) for ``--steps``; yields ``(step, params)`` at ``points`` steps.
+def trajectory(
+    setup: Setup, points: int, estimator=None, optimizer=None
+) -> Iterator[tuple[int, Any]]:
+    """Trains for ``--steps``; yields ``(step, params)`` at ``points`` steps.
 
-    The points are evenly spaced from 0 to ``--steps`` (both included when
-    ``points > 1``).
+    By default by backprop with AdamW (``--learning_rate``); ``estimator``
+    (``(params, batch, key) -> (grads, metrics)``) and ``optimizer`` replace
+    them (a guessed trajectory). The points are evenly spaced from 0 to
+    ``--steps`` (both included when ``points > 1``).
     """
-    optimizer = optax.adamw(FLAGS.learning_rate)
-    step_fn = gg.make_train_step(
-        gg.build_estimator(
+    if optimizer is None:
+        optimizer = optax.adamw(FLAGS.learning_rate)
+    if estimator is None:
+        estimator = gg.build_estimator(
             "backprop",
             setup.model,
             **setup.spec.estimator_args(),
             trainable=setup.spec.trainable(),
-        ),
-        optimizer,
-    )
+        )
+    step_fn = gg.make_train_step(estimator, optimizer)
     state = gg.init_train_state(setup.params, optimizer, jax.random.key(FLAGS.seed))
     at = sorted({round(i * FLAGS.steps / max(points - 1, 1)) for i in range(points)})
     for step in range(FLAGS.steps + 1):
@@ -143,8 +206,8 @@ def trajectory(setup: Setup, points: int) -> Iterator[tuple[int, Any]]:
             state, metrics = step_fn(state, setup.batch(step))
             if step % 50 == 0 and not bool(metrics["finite"]):
                 raise FloatingPointError(
-                    f"The backprop trajectory diverged at step {step + 1}; "
-                    "lower --learning_rate."
+                    f"The trajectory diverged at step {step + 1}; lower the "
+                    "learning rate."
                 )
 
 
@@ -263,6 +326,7 @@ def fail(name: str, err: Exception) -> int:
 
 __all__ = [
     "Setup",
+    "Variant",
     "define_flags",
     "figure",
     "markdown",
@@ -277,4 +341,5 @@ __all__ = [
     "to_host",
     "trained_params",
     "trajectory",
+    "variants",
 ]

@@ -1,21 +1,28 @@
-r"""The paper's Figure 4 (left): self-sharpening, the effective rank of the weights over training.
+r"""The paper's Figure 4: self-sharpening, the guesses and the weights losing rank over training.
 
-    python -m experiments.self_sharpening             # 3x256 MLP, self_sharpening against wt
-    python -m experiments.self_sharpening --depth=6 --width=1024 --steps=5000
+    python -m experiments.self_sharpening             # 3x256 MLP, 500 steps per run
+    python -m experiments.self_sharpening --depth=6 --width=128 --dataset=cifar10 \
+        --steps=50000 --train_learning_rate=1e-4      # the paper's setting
 
-Trains each method of ``--methods`` with the one training loop
-(:func:`guessgrad.experiment.run`, AdamW, a checkpoint at each of
-``--points`` evaluations, all kept), then at every checkpoint measures the
-effective rank (Roy and Vetterli: exp of the entropy of the normalised
-singular values, :func:`guessgrad.metrics.effective_rank`) of each weight
-matrix, and the method's cosine with the true gradient there. The paper
-finds that self_sharpening's guesses collapse the weights' effective rank,
-which raises its cosine while its accuracy falls behind. On an MLP it also
-guesses through each next layer's ``U S^p V^T`` for every p of ``--powers``
-(:func:`guessgrad.metrics.power_singular_values`), at the last method's final
-weights, and reports the cosine and the effective rank against p (the
-paper: sharper spectra, higher cosine). Prints the tables and writes
-self_sharpening.json, .md and .png.
+Two parts, both trained with StableAdamW (the paper's optimiser for them):
+
+* **Powered W^T** (MLP): for every p of ``--powers`` the network is trained
+  with the W^T guess through each next layer's ``U S^p V^T``
+  (:func:`powered_wt`; p = 1 is ``wt``; StableAdamW without weight decay at
+  ``--train_learning_rate``, as the paper), and at ``--points`` steps the
+  guess's cosine with the true gradient, the mean effective rank (Roy and
+  Vetterli, :func:`guessgrad.metrics.effective_rank`) of the weights and that
+  of the guessed kernel updates are recorded: Figure 4, where larger p
+  concentrates the guesses on a few directions, the weights' rank falls and
+  the cosine rises over training.
+* **The methods** of ``--methods`` (``self_sharpening``, ``wt``), trained
+  with the one training loop (:func:`guessgrad.experiment.run`,
+  ``--optimizer``, default stable_adamw), measured at every checkpoint the
+  same way.
+
+A third panel keeps the static sweep: the W^T guess through ``U S^p V^T``
+at the last method's final weights, its cosine and effective rank against
+p. Prints the tables and writes self_sharpening.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+import guessgrad as gg
 from experiments import measuring
 from guessgrad import experiment, metrics
 from guessgrad._src import guesses as rules
@@ -42,16 +50,19 @@ flags.DEFINE_list(
     ["0.1", "0.25", "0.5", "1", "2", "4"],
     "MLP: singular-value powers p of the W^T guess through U S^p V^T.",
 )
+flags.DEFINE_float(
+    "train_learning_rate",
+    1e-3,
+    "StableAdamW step size of the guessed training runs (the paper: 1e-4 over 50,000 "
+    "steps).",
+)
+flags.DEFINE_string(
+    "optimizer", "stable_adamw", "Optimiser of the methods' runs (the paper's)."
+)
 
 
-def powered_wt(model, p: float):
-    """The W^T guess of an MLP with each next layer's W replaced by U S^p V^T.
-
-    At hidden site ``l`` (the pre-activation of ``dense_l``) the guess is
-    ``D_l (W_{l+1}^{(p)})^T eps``, eps ~ N(0, I) at the next site (``p = 1`` is
-    ``wt`` exactly); the logits get eps. Estimates are then formed as every
-    activation-space estimator forms them (per-layer mode, normalised guesses).
-    """
+def powered_estimator(model, p: float):
+    """:func:`powered_wt` as an estimator with metrics, ``(params, batch, key) -> (grads, aux)``."""
 
     def estimate(params, batch, key):
         layers = params["params"]
@@ -64,10 +75,57 @@ def powered_wt(model, p: float):
             eps = rules.normal_like(guess_key, ctx.value(ctx.target(index)))
             return ctx.mask(index, eps @ powered[index + 1].T)
 
-        estimator = activation_space(model, rules.rule_from(hidden))
+        return activation_space(model, rules.rule_from(hidden))(params, batch, key)
+
+    return estimate
+
+
+def powered_wt(model, p: float):
+    """The W^T guess of an MLP with each next layer's W replaced by U S^p V^T.
+
+    At hidden site ``l`` (the pre-activation of ``dense_l``) the guess is
+    ``D_l (W_{l+1}^{(p)})^T eps``, eps ~ N(0, I) at the next site (``p = 1`` is
+    ``wt`` exactly); the logits get eps. Estimates are then formed as every
+    activation-space estimator forms them (per-layer mode, normalised guesses).
+    """
+
+    estimator = powered_estimator(model, p)
+
+    def estimate(params, batch, key):
         return estimator(params, batch, key)[0]
 
     return estimate
+
+
+def mean_rank(tree) -> float:
+    """Mean effective rank of the 2-D leaves (kernels) of ``tree``."""
+    return float(np.mean([float(r) for r in metrics.effective_ranks(tree).values()]))
+
+
+def measure(setup: measuring.Setup, estimate, params, step: int) -> dict:
+    """Cosine with the gradient, and the weights' and one guess's mean effective rank."""
+    batch, key = setup.batch(step), jax.random.key(step)
+    cosine = metrics.estimate_cosines(
+        estimate, setup.true_grad_fn, params, batch, key, 4
+    )["cosine"]
+    return {
+        "step": step,
+        "cosine": float(cosine),
+        "weight_rank": mean_rank(params),
+        "guess_rank": mean_rank(estimate(params, batch, key)),
+    }
+
+
+def powered_training(setup: measuring.Setup, p: float) -> list[dict]:
+    """Trains with the W^T guess through ``U S^p V^T`` (StableAdamW, no weight decay)."""
+    optimizer = gg.stable_adamw(FLAGS.train_learning_rate, weight_decay=0.0)
+    estimate = jax.jit(powered_wt(setup.model, p))
+    points = []
+    for step, params in measuring.trajectory(
+        setup, FLAGS.points + 1, powered_estimator(setup.model, p), optimizer
+    ):
+        points.append(measure(setup, estimate, params, step))
+    return points
 
 
 def power_sweep(setup: measuring.Setup, params, powers) -> list[dict]:
@@ -101,6 +159,9 @@ def main(argv: Sequence[str]) -> int:
         methods = measuring.parse_methods()
         if FLAGS.points < 1:
             raise ValueError("--points must be at least 1.")
+        if len(measuring.modes()) != 1:
+            raise ValueError("--mode names one mode here (default joint, the paper's).")
+        variants = {v.label: v for v in measuring.variants(methods)}
         path = measuring.prepare_workdir(NAME)
         setup = measuring.setup(methods)
         every = max(FLAGS.steps // FLAGS.points, 1)
@@ -110,7 +171,9 @@ def main(argv: Sequence[str]) -> int:
                 dataset=FLAGS.dataset,
                 data_dir=FLAGS.data_dir,
                 model=setup.spec,
-                learning_rate=FLAGS.learning_rate,
+                optimizer=FLAGS.optimizer,
+                options=variants[m].options,
+                learning_rate=FLAGS.train_learning_rate,
                 batch_size=FLAGS.batch_size,
                 steps=FLAGS.steps,
                 eval_every=every,
@@ -129,39 +192,38 @@ def main(argv: Sequence[str]) -> int:
     runs = {}
     for method, config in configs.items():
         results = experiment.run(config)
-        cosine = jax.jit(
-            lambda p, b, k, m=method: metrics.estimate_cosines(
-                setup.estimators[m], setup.true_grad_fn, p, b, k, 4
-            )["cosine"]
-        )
+        estimate = jax.jit(setup.estimators[method])
         points = []
         for step in experiment.checkpoint_steps(config.workdir):
             params, _ = experiment.load_params(config.workdir, step)
-            ranks = {
+            point = measure(setup, estimate, params, step)
+            point["effective_ranks"] = {
                 name: float(r) for name, r in metrics.effective_ranks(params).items()
             }
-            points.append(
-                {
-                    "step": step,
-                    "effective_ranks": ranks,
-                    "cosine": float(
-                        cosine(params, setup.batch(step), jax.random.key(step))
-                    ),
-                }
-            )
+            points.append(point)
         runs[method] = {
             "test_accuracy": results.get("test_accuracy"),
             "status": results["status"],
             "points": points,
         }
-    sweep = []
+    powered, sweep = {}, []
     if FLAGS.model == "mlp" and FLAGS.depth > 1:
+        powers = [float(p) for p in FLAGS.powers]
+        for p in powers:
+            powered[f"{p:g}"] = powered_training(setup, p)
+            last = powered[f"{p:g}"][-1]
+            print(
+                f"[{NAME}] p={p:g}: cosine {last['cosine']:.3f}, weight rank "
+                f"{last['weight_rank']:.1f}, guess rank {last['guess_rank']:.1f} "
+                f"at step {last['step']}"
+            )
         final, _ = experiment.load_params(configs[methods[-1]].workdir)
-        sweep = power_sweep(setup, final, [float(p) for p in FLAGS.powers])
+        sweep = power_sweep(setup, final, powers)
     results = {
         "experiment": NAME,
         "settings": measuring.settings() | {"points": FLAGS.points},
         "runs": runs,
+        "powered_training": powered,
         "power_sweep": sweep,
         "paper": "self_sharpening lowers the weights' effective rank, raising its cosine, "
         "while its accuracy falls behind W^T's",
@@ -171,7 +233,7 @@ def main(argv: Sequence[str]) -> int:
         if runs[methods[0]]["points"]
         else []
     )
-    header = ["method", "test acc", "cosine (last)"] + [
+    header = ["method", "test acc", "cosine (last)", "guess rank (last)"] + [
         f"eff. rank {l.split('/')[-2]}" for l in layers
     ]
     rows = []
@@ -182,6 +244,7 @@ def main(argv: Sequence[str]) -> int:
                 m,
                 measuring.percent(runs[m]["test_accuracy"]),
                 measuring.number(last and last["cosine"], ".3g"),
+                measuring.number(last and last["guess_rank"], ".1f"),
             ]
             + [
                 measuring.number(last and last["effective_ranks"][l], ".1f")
@@ -189,6 +252,23 @@ def main(argv: Sequence[str]) -> int:
             ]
         )
     text = measuring.markdown(header, rows)
+    if powered:
+        text += "\n\nTrained with W^T through U S^p V^T (StableAdamW), first and last point:\n\n"
+        text += measuring.markdown(
+            ["p", "cosine", "weight rank", "guess rank"],
+            [
+                [p]
+                + [
+                    f"{pts[0][k]:{f}} -> {pts[-1][k]:{f}}"
+                    for k, f in (
+                        ("cosine", ".3g"),
+                        ("weight_rank", ".1f"),
+                        ("guess_rank", ".1f"),
+                    )
+                ]
+                for p, pts in powered.items()
+            ],
+        )
     if sweep:
         text += (
             f"\n\nW^T through U S^p V^T ({methods[-1]}'s final weights):\n\n"
@@ -201,7 +281,24 @@ def main(argv: Sequence[str]) -> int:
             )
         )
     print(text)
-    fig, (rank_ax, cos_ax, power_ax) = measuring.figure(3, width=4.0)
+    fig, (p_cos_ax, p_rank_ax, rank_ax, cos_ax, power_ax) = measuring.figure(
+        5, width=3.6
+    )
+    for p, pts in powered.items():
+        steps = [q["step"] for q in pts]
+        p_cos_ax.plot(steps, [q["cosine"] for q in pts], "-o", ms=3, label=f"p={p}")
+        p_rank_ax.plot(
+            steps, [q["weight_rank"] for q in pts], "-o", ms=3, label=f"weights p={p}"
+        )
+        p_rank_ax.plot(
+            steps, [q["guess_rank"] for q in pts], ":", label=f"guesses p={p}"
+        )
+    p_cos_ax.set(
+        xlabel="step", ylabel="cosine with the gradient", title="W^T via U S^p V^T"
+    )
+    p_rank_ax.set(xlabel="step", ylabel="mean effective rank", title="rank")
+    if powered:
+        measuring.style([p_cos_ax, p_rank_ax])
     if sweep:
         power_ax.plot(
             [r["p"] for r in sweep],
@@ -228,10 +325,8 @@ def main(argv: Sequence[str]) -> int:
         )
     for m in methods:
         steps = [p["step"] for p in runs[m]["points"]]
-        mean_rank = [
-            np.mean(list(p["effective_ranks"].values())) for p in runs[m]["points"]
-        ]
-        rank_ax.plot(steps, mean_rank, "-o", ms=3, label=m)
+        weight_ranks = [p["weight_rank"] for p in runs[m]["points"]]
+        rank_ax.plot(steps, weight_ranks, "-o", ms=3, label=m)
         cos_ax.plot(
             steps, [p["cosine"] for p in runs[m]["points"]], "-o", ms=3, label=m
         )
@@ -243,7 +338,7 @@ def main(argv: Sequence[str]) -> int:
     cos_ax.set(xlabel="step", ylabel="cosine with the gradient", title="cosine")
     measuring.style([rank_ax, cos_ax])
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(NAME, steps=5000)
+    measuring.paper_hint(NAME, width=128, steps=50000, train_learning_rate=1e-4)
     return 0
 
 

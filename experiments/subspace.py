@@ -4,15 +4,21 @@ r"""The paper's Figures 6 and 7: gradients lie in the subspace of the activation
     python -m experiments.subspace --depth=6 --width=1024 --dataset=cifar10   # the paper's network
 
 Trains an MLP by backprop for ``--steps`` steps; then, on one batch, for each
-linear layer ``l`` (input activations ``X_l`` [B, n], the batch-mean gradient
-of its kernel ``G_l``, as rows [m, n]) measures the cosine between ``G_l``
-and its projection on the top-k principal directions of ``X_l``
-(:func:`guessgrad.metrics.subspace_overlap`, uncentred), against a random
-k-dimensional subspace, for k from 1 to n. A layer's weight gradient is a
-sum of per-example outer products ``delta_b x_b^T``, so at k = rank(X) the
-overlap is exactly 1; the paper's point is how fast it gets there. Prints
-the table at a few k, and writes subspace.json, subspace.md and subspace.png.
-(MLP only: the layer inputs are read from its sites.)
+linear layer ``l`` with input activations ``x_l`` [B, n] (the image, then
+each hidden layer's output) measures how much of the per-example gradient
+with respect to those activations, ``dL/dx_l`` [B, n] (the paper's claim:
+``dL/dx_{k+1}`` lies approximately in the span of the activations
+``x_{k+1}``, which is why activation mixing guesses well), lies in the
+top-k principal directions of ``x_l``: the cosine between ``dL/dx_l`` and its
+projection (:func:`guessgrad.metrics.subspace_overlap`, uncentred), against
+a random k-dimensional subspace, for k from 1 to n.
+
+Beside it, labelled as such, the same overlap for the rows of the layer's
+weight gradient ``sum_b delta_b x_b^T``, which lie in the span of the
+batch's inputs by construction (overlap exactly 1 at k = rank(X)): a much
+weaker statement than the paper's. Prints the table at a few k, and writes
+subspace.json, subspace.md and subspace.png. (MLP only: a layer's input and
+its kernel are read from the MLP's sites and parameters.)
 """
 
 from __future__ import annotations
@@ -53,6 +59,44 @@ def layer_inputs(setup: measuring.Setup, params, images) -> list[jax.Array]:
     return inputs
 
 
+def input_gradients(model, params, batch) -> list[jax.Array]:
+    """Per example, each linear layer's ``dL/dx_l`` [B, n]: ``dL/ds_l K_l^T``.
+
+    ``dL/ds_l`` is the gradient at the layer's site (its pre-activation
+    ``s_l = x_l K_l + b_l``), per example (the examples' losses are
+    independent), by reverse mode.
+    """
+    variables = sites_lib.split_variables(params)
+    found = gg.structure(model, params, batch)
+    zeros = {s.path: jnp.zeros(s.shape, s.dtype) for s in found.sites}
+
+    def total_loss(perturbations):
+        outputs, _, _ = sites_lib.run(
+            model, variables, (batch["image"],), perturbations=perturbations
+        )
+        return jnp.sum(gg.per_example_loss(outputs, batch["label"]))
+
+    site_grads = jax.grad(total_loss)(zeros)
+    names = sorted(params["params"], key=_layer_index)
+    return [
+        site_grads[info.path].reshape(batch["image"].shape[0], -1)
+        @ params["params"][name]["kernel"].T
+        for info, name in zip(found.sites, names)
+    ]
+
+
+def overlaps(rows, x, key) -> dict:
+    n = x.shape[1]
+    grid = ks_for(n)
+    overlap = metrics.subspace_overlap(rows, x, grid, key)
+    return {
+        "n": int(n),
+        "ks": list(grid),
+        "pca": np.asarray(overlap["pca"]).tolist(),
+        "random": np.asarray(overlap["random"]).tolist(),
+    }
+
+
 def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -67,60 +111,65 @@ def main(argv: Sequence[str]) -> int:
     batch = setup.batch(FLAGS.steps)
     grads = setup.true_grad_fn(params, batch)
     inputs = layer_inputs(setup, params, batch["image"])
+    input_grads = input_gradients(setup.model, params, batch)
     kernels = [
         grads["params"][name]["kernel"]
         for name in sorted(grads["params"], key=_layer_index)
     ]
     layers = {}
     key = jax.random.key(FLAGS.seed + 1)
-    for index, (x, kernel) in enumerate(zip(inputs, kernels)):
-        n = x.shape[1]
-        grid = ks_for(n)
-        overlap = metrics.subspace_overlap(
-            kernel.T, x, grid, jax.random.fold_in(key, index)
-        )
-        layers[f"layer {index}"] = {
-            "n": int(n),
-            "ks": list(grid),
-            "pca": np.asarray(overlap["pca"]).tolist(),
-            "random": np.asarray(overlap["random"]).tolist(),
-        }
+    for index, (x, dx, kernel) in enumerate(zip(inputs, input_grads, kernels)):
+        layer_key = jax.random.fold_in(key, index)
+        layer = overlaps(dx, x, layer_key)
+        layer["weight_gradient"] = overlaps(kernel.T, x, layer_key)
+        layers[f"layer {index}"] = layer
         print(
-            f"[{NAME}] layer {index} (n={n}): "
+            f"[{NAME}] layer {index} (n={layer['n']}), dL/dx: "
             + ", ".join(
                 f"k={k} {p:.3f}/{r:.3f}"
-                for k, p, r in zip(
-                    grid,
-                    layers[f"layer {index}"]["pca"],
-                    layers[f"layer {index}"]["random"],
-                )
+                for k, p, r in zip(layer["ks"], layer["pca"], layer["random"])
             )
         )
     results = {
         "experiment": NAME,
         "settings": measuring.settings(),
         "layers": layers,
+        "measured": "per layer: dL/dx_l (per example) against the top-k principal "
+        "directions of x_l (pca) and a random subspace (random); weight_gradient: the "
+        "rows of the kernel's gradient, in the inputs' span by construction",
         "paper": "the gradient's projection on the top-k PCA directions of the activations "
         "is far closer to it than a random k-dimensional subspace's",
     }
     shown_k = (1, 8, 32)
-    header = ["layer", "n"] + [f"k={k} PCA / random" for k in shown_k]
+    header = (
+        ["layer", "n"]
+        + [f"k={k} dL/dx: PCA / random" for k in shown_k]
+        + [f"k={k} weight-gradient rows: PCA" for k in shown_k]
+    )
+
+    def at(curve, layer, k, fmt="{:.3f}"):
+        return fmt.format(curve[layer["ks"].index(k)]) if k in layer["ks"] else "-"
+
     rows = []
     for name, layer in layers.items():
-        cells = []
-        for k in shown_k:
-            if k in layer["ks"]:
-                i = layer["ks"].index(k)
-                cells.append(f"{layer['pca'][i]:.3f} / {layer['random'][i]:.3f}")
-            else:
-                cells.append("-")
+        cells = [
+            f"{at(layer['pca'], layer, k)} / {at(layer['random'], layer, k)}"
+            for k in shown_k
+        ]
+        cells += [at(layer["weight_gradient"]["pca"], layer, k) for k in shown_k]
         rows.append([name, str(layer["n"])] + cells)
     text = measuring.markdown(header, rows)
     print(text)
     fig, axes = measuring.figure(len(layers), width=4.0)
     for ax, (name, layer) in zip(axes, layers.items()):
-        ax.plot(layer["ks"], layer["pca"], "-o", ms=3, label="top-k PCA of activations")
-        ax.plot(layer["ks"], layer["random"], "-s", ms=3, label="random k-dim subspace")
+        ax.plot(layer["ks"], layer["pca"], "-o", ms=3, label="dL/dx: top-k PCA of x")
+        ax.plot(layer["ks"], layer["random"], "-s", ms=3, label="dL/dx: random k-dim")
+        ax.plot(
+            layer["ks"],
+            layer["weight_gradient"]["pca"],
+            ":",
+            label="weight-gradient rows: top-k PCA",
+        )
         ax.set(
             xscale="log", xlabel="k", ylabel="cosine with the projection", title=name
         )

@@ -607,10 +607,11 @@ def wperp_ns(
 
     ``variant="krylov"`` (default): per example, a block Krylov space of
     ``J^T J`` (``block_size`` vectors, default 2; ``power_iters`` steps,
-    default enough for ``max(2 rank, 10)`` dimensions: 9 at rank 10) and Rayleigh-Ritz give the top-``rank``
-    subspace ``V_k``; ``y = V_k z``, isotropic over it like exact W-perp
-    (covariance a rank-k projector), at ``block_size * (2 power_iters + 2)``
-    W^T-sized products (40 at rank 10). ``variant="vector"``: ``y = p(J^T J)
+    default enough for ``max(3 rank, 16)`` dimensions: 14 at rank 10, 7 at
+    ranks up to 5) and Rayleigh-Ritz give the top-``rank`` subspace ``V_k``;
+    ``y = V_k z``, isotropic over it like exact W-perp (covariance a rank-k
+    projector), at ``block_size * (2 power_iters + 2)`` W^T-sized products
+    (60 at rank 10, 32 at ranks up to 5). ``variant="vector"``: ``y = p(J^T J)
     J^T eps``, a degree-``power_iters`` (default 6) Chebyshev filter whose
     band edge adapts to each example (``cutoff`` in [0, 1]; 0 = power
     filter), ``1 + 2 * power_iters`` products; it piles the guess onto the
@@ -654,15 +655,31 @@ def self_sharpening(model, **common) -> Estimator:
     return activation_space(model, rule, **common)
 
 
+ORACLE_SCALES = ("gradient", "directional")
+
+
 def oracle_angle(
-    model, *, cosine: float = 0.03, loss_fn=None, inputs=None, trainable=None
+    model,
+    *,
+    cosine: float = 0.03,
+    scale: str = "gradient",
+    loss_fn=None,
+    inputs=None,
+    trainable=None,
 ) -> Estimator:
     """Oracle control: a guess at a fixed angle to the true gradient (uses ``jax.grad``).
 
     ``g_theta = cos(theta) g + sin(theta) g_perp`` with ``cos(theta) = cosine`` and
     g_perp a random direction orthogonal to the gradient g with ``|g_perp| = |g|``:
-    the estimate has the gradient's norm and exactly the given cosine with it,
-    and no bias in direction (E[g_theta] = cosine * g). With several losses
+    the estimate has exactly the given cosine with g and no bias in direction.
+
+    ``scale="gradient"`` (default): the estimate is ``g_theta``, the
+    gradient's norm (``E = cosine * g``). ``scale="directional"``: the
+    paper's modified directional step ``(g . u) u`` along the unit guess
+    ``u = g_theta / |g|``, i.e. ``cosine * g_theta`` (``E = cosine^2 g``): what
+    a directional derivative along a guess at that angle gives, the step
+    Figure 3 (right) of Singhal et al. trains with; for SGD and momentum a
+    learning rate ``1 / cosine`` times the other's. With several losses
     (local losses) the angle is set per stage: the parameters that reach the
     same losses (as :func:`guessgrad.structure` reports) get their own
     ``g_perp``, so each stage's estimate has the given cosine with that
@@ -670,6 +687,10 @@ def oracle_angle(
     """
     if not -1.0 <= float(cosine) <= 1.0:
         raise ValueError(f"cosine must lie in [-1, 1]; got {cosine!r}.")
+    if scale not in ORACLE_SCALES:
+        raise ValueError(
+            f"scale must be one of {', '.join(ORACLE_SCALES)}; got {scale!r}."
+        )
     setup = _exact(
         Problem(model, loss_fn, inputs, trainable, need_sites=False), analyse=True
     )
@@ -682,14 +703,16 @@ def oracle_angle(
         sine = jnp.sqrt(1.0 - jnp.asarray(cosine, g.dtype) ** 2)
         stages = _stages(structure, grads)
         if len(stages) == 1:
-            return train.full(
-                unravel(cosine * g + sine * _perpendicular(g, r))
-            ), metrics
-        perp = sum(
-            _perpendicular(jnp.where(stage, g, 0), jnp.where(stage, r, 0))
-            for stage in stages
-        )
-        return train.full(unravel(cosine * g + sine * perp)), metrics
+            perp = _perpendicular(g, r)
+        else:
+            perp = sum(
+                _perpendicular(jnp.where(stage, g, 0), jnp.where(stage, r, 0))
+                for stage in stages
+            )
+        guess = cosine * g + sine * perp
+        if scale == "directional":
+            guess = cosine * guess
+        return train.full(unravel(guess)), metrics
 
     return estimate
 
