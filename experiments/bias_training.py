@@ -155,7 +155,12 @@ def main(argv: Sequence[str]) -> int:
         rows.append(
             [
                 f"{opt} (lr {rates[opt]:g})",
-                *(measuring.percent(r["test_accuracy"]) for r in (a, o)),
+                *(
+                    "diverged"
+                    if r["status"] == "diverged"
+                    else measuring.percent(r["test_accuracy"])
+                    for r in (a, o)
+                ),
                 *(measuring.number(r["train_loss"]) for r in (a, o)),
             ]
         )

@@ -32,17 +32,21 @@ EXPERIMENTS = {
     "subspace": "Gradients and the activations' subspace (Figures 6 and 7)",
 }
 PAPER = {
-    "cosine": "6x1024 MLP on CIFAR-10, along a backprop trajectory: cosine directional "
+    "cosine": "6x1024 MLP on CIFAR-10, along a backprop trajectory, one directional "
+    "derivative per example across all layers (joint mode): cosine directional "
     "0.0003, activation perturbation 0.016, mixing 0.025, W^T 0.030; one-step "
     "effectiveness 1e-6, 6.9e-4, 3.4e-3, 1.7e-3 (the paper's grid 1e-5..1e-1).",
     "bias": "Averaging guesses for one example: unbiased methods keep rising towards 1, "
     "biased ones (W^T, mixing) saturate.",
     "bias_training": "oracle_angle at the cosine a guessing method reaches trains well; "
     "the method's bias is what hurts, and more with momentum than without.",
-    "self_sharpening": "self_sharpening's guesses lower the weights' effective rank, which "
-    "raises its cosine while its accuracy falls behind W^T's.",
-    "subspace": "The gradient's projection on the top-k principal directions of the "
-    "activations is far closer to it than a random k-dimensional subspace's.",
+    "self_sharpening": "Trained with W^T through U S^p V^T (StableAdamW, 6x128 on CIFAR-10, "
+    "50,000 steps), larger p makes the guesses dominated by a few singular values, the "
+    "weights' effective rank falls over training and the cosine rises; self_sharpening's "
+    "accuracy falls behind W^T's.",
+    "subspace": "The gradient with respect to a layer's input activations, dL/dx, lies "
+    "close to the top-k principal directions of those activations, far closer than to a "
+    "random k-dimensional subspace.",
 }
 
 

@@ -225,10 +225,10 @@ print("ok")
 """
 
 
-@pytest.mark.slow
-def test_the_guess_through_singular_values_to_the_power_one_is_wt():
+def _run_snippet(code):
+    """Runs ``code`` in a fresh interpreter (the experiments define absl flags); it prints ok."""
     result = subprocess.run(
-        [sys.executable, "-c", _POWER_ONE_IS_WT],
+        [sys.executable, "-c", code],
         check=False,
         cwd=_REPO,
         capture_output=True,
@@ -236,6 +236,11 @@ def test_the_guess_through_singular_values_to_the_power_one_is_wt():
         timeout=120,
     )
     assert result.stdout.strip().endswith("ok"), result.stderr
+
+
+@pytest.mark.slow
+def test_the_guess_through_singular_values_to_the_power_one_is_wt():
+    _run_snippet(_POWER_ONE_IS_WT)
 
 
 _INPUT_GRADIENTS = """
@@ -266,12 +271,4 @@ print("ok")
 
 @pytest.mark.slow
 def test_subspace_takes_the_gradient_with_respect_to_each_layers_input():
-    result = subprocess.run(
-        [sys.executable, "-c", _INPUT_GRADIENTS],
-        check=False,
-        cwd=_REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.stdout.strip().endswith("ok"), result.stderr
+    _run_snippet(_INPUT_GRADIENTS)
