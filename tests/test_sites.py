@@ -524,12 +524,15 @@ from zoo import ZOO
 
 mesh = jax.make_mesh((2,), ("data",))
 out = {"axis_types": str(mesh.axis_types)}
-cases = [("two_block_local", m) for m in gg.ESTIMATORS] + [
+# Batched factorisations (wperp's SVD, wperp_ns's Rayleigh-Ritz eigh) can deadlock
+# XLA:CPU on simulated devices (README, Performance): wperp_ns runs its filter
+# variant here, which has none; wperp is left to the one-device tests.
+cases = [("two_block_local", m) for m in gg.ESTIMATORS if m != "wperp"] + [
     ("cnn", m) for m in ("wt", "mixing")]
 for name, method in cases:
     model, params, batch, problem = ZOO[name]()
     batch = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
-    options = {"rank": 2} if method == "wperp" else {}
+    options = {"variant": "vector"} if method == "wperp_ns" else {}
     estimate = jax.jit(gg.get_estimator(method, model, **problem, **options))
     single = estimate(params, batch, jax.random.key(0))
     with jax.set_mesh(mesh):
