@@ -121,7 +121,7 @@ def test_estimators_take_arrays_on_a_default_mesh_without_a_mesh_context():
     model, params, batch, problem = ZOO["two_block_local"]()
     sharded_batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
     replicated = jax.device_put(params, NamedSharding(mesh, P()))
-    for method in ("backprop", "directional", "wt", "mixing"):
+    for method in ("backprop", "wt", "mixing"):
         estimate = gg.get_estimator(method, model, **problem)
         expected = estimate(params, batch, jax.random.key(0))
         for fn in [jax.jit(estimate)] + ([estimate] if method == "wt" else []):

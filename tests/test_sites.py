@@ -367,8 +367,11 @@ def test_marking_outputs_from_outside_equals_explicit_marks():
         "Dense_2/out",
     ]
     for method in ("wt", "mixing", "downstream", "activation_perturbation", "wperp_ns"):
-        a = gg.get_estimator(method, plain)(params, batch, jax.random.key(2))
-        b = gg.get_estimator(method, MarkedMLP())(params, batch, jax.random.key(2))
+        options = {"power_iters": 1} if method == "wperp_ns" else {}
+        a = gg.get_estimator(method, plain, **options)(params, batch, jax.random.key(2))
+        b = gg.get_estimator(method, MarkedMLP(), **options)(
+            params, batch, jax.random.key(2)
+        )
         np.testing.assert_array_equal(flat(a), flat(b))
     with pytest.raises(ValueError, match=r"no submodule at \['Dense_9'\]"):
         bad = gg.mark_outputs(PlainMLP(), {"Dense_9": nn.relu})
@@ -542,7 +545,7 @@ for name, method in cases:
     out[f"{name}/{method}"] = max(
         float(jnp.max(jnp.abs(a - b))) for a, b in
         zip(jax.tree.leaves(single), jax.tree.leaves(got)))
-    if name == "cnn" or method in ("backprop", "directional", "wt"):
+    if name == "two_block_local" and method in ("backprop", "wt"):
         # The same arrays without a mesh context, as jax.grad takes them.
         got = estimate(jax.device_put(params, NamedSharding(mesh, P())),
                        jax.device_put(batch, NamedSharding(mesh, P("data"))),

@@ -438,9 +438,13 @@ def test_krylov_whole_network_cosine_matches_exact_wperps(trained_mlp_128):
 
     backprop = gg.get_estimator("backprop", model)
 
+    # wperp_ns at 9 steps, the depth these ratios were measured at (0.98): the
+    # default's 14 buy the mean direction (tested below), at 1.5x the time.
+    options = {"wperp": {}, "wperp_ns": {"power_iters": 9}}
+
     def mean_cosine(name, mode):
         report = gg.metrics.estimate_cosines(
-            gg.get_estimator(name, model, mode=mode),
+            gg.get_estimator(name, model, mode=mode, **options[name]),
             lambda p, b: backprop(p, b, None),
             params,
             batch,
@@ -454,7 +458,7 @@ def test_krylov_whole_network_cosine_matches_exact_wperps(trained_mlp_128):
         assert 0.9 * exact < krylov < 1.1 * exact
 
 
-def _mean_direction_cosines(model, params, batch, rank, steps, keys=64):
+def _mean_direction_cosines(model, params, batch, rank, steps, keys=32):
     """Per hidden site, the cosine of ``E[P_hat] g`` with exact W-perp's ``P_k g``.
 
     ``g``: the true per-example site gradient; ``P_hat``: the default Krylov
