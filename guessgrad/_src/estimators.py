@@ -162,7 +162,7 @@ class Problem:
         re-raised as it is, with a note naming the call.
         """
         signature = (
-            _model_key(self.model),
+            self.model,
             _signature((variables, args)),
             rngs is None,
         )
@@ -214,7 +214,7 @@ class Problem:
         several estimators traces the model's structure once.
         """
         signature = (
-            _model_key(self.model),
+            self.model,
             self.loss_fn,
             self.inputs,
             self.need_sites,
@@ -247,7 +247,12 @@ class Problem:
 
 
 class _Cache:
-    """A small least-recently-used map (analyses hold no arrays, only shapes and names)."""
+    """A small least-recently-used map (analyses hold no arrays, only shapes and names).
+
+    Keys hold the model itself: equal linen modules (same class and fields)
+    share an entry, other models count by identity, and a key that cannot
+    be hashed is simply not cached.
+    """
 
     def __init__(self, size: int):
         self.size = size
@@ -276,14 +281,6 @@ class _Cache:
 
 _STRUCTURES = _Cache(128)
 _CHECKED_INPUTS = _Cache(512)
-
-
-def _model_key(model):
-    """Equal linen modules (same class and fields) share their analysis.
-
-    Other models are keyed by identity; an unhashable one is not cached.
-    """
-    return model
 
 
 def _first_line(err: Exception) -> str:
@@ -478,6 +475,11 @@ def losses_reached(structure: sites_lib.Structure) -> tuple[tuple[str, ...], ...
     return tuple(reached)
 
 
+def trainable_losses_reached(structure: sites_lib.Structure) -> list[tuple[str, ...]]:
+    """:func:`losses_reached` for the trainable leaves only, in their order."""
+    return [r for r, m in zip(losses_reached(structure), structure.trainable) if m]
+
+
 # --- the estimators (registry entries) -----------------------------------------
 
 
@@ -520,9 +522,7 @@ def directional(
         loss, train, structure = setup(params, batch, key)
         flat, unravel = ravel_pytree(train.part)
         names = list(structure.losses)
-        reached = [
-            r for r, m in zip(losses_reached(structure), structure.trainable) if m
-        ]
+        reached = trainable_losses_reached(structure)
 
         def one_estimate(guess_key):
             v = jax.random.normal(guess_key, flat.shape, flat.dtype)
@@ -727,7 +727,7 @@ def _perpendicular(g: Array, r: Array) -> Array:
 
 def _stages(structure, trainable_grads) -> list:
     """Per set of losses reached, a mask over the raveled trainable leaves (numpy, static)."""
-    reached = [r for r, m in zip(losses_reached(structure), structure.trainable) if m]
+    reached = trainable_losses_reached(structure)
     sizes = [x.size for x in jax.tree.leaves(trainable_grads)]
     groups = sorted(set(reached))
     if len(groups) == 1:

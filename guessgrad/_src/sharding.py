@@ -17,11 +17,10 @@ def explicit_spec(ref: Array, extra_leading: int = 0):
     ``extra_leading`` unsharded axes are prepended (for arrays that stack
     several values shaped like ``ref``).
     """
-    sharding = getattr(jax.typeof(ref), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+    if _explicit_mesh(ref) is None:
         return None
-    return PartitionSpec(*((None,) * extra_leading + tuple(sharding.spec)))
+    spec = jax.typeof(ref).sharding.spec
+    return PartitionSpec(*((None,) * extra_leading + tuple(spec)))
 
 
 def abstract_sharding(spec):
