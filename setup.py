@@ -8,7 +8,7 @@ _HERE = pathlib.Path(__file__).parent
 
 setuptools.setup(
     name="guessgrad",
-    version="0.1.0",
+    version="0.2.0",
     description=(
         "Gradient estimates from forward-mode directional derivatives and "
         "structured guesses of the gradient's direction, in JAX."
@@ -18,7 +18,7 @@ setuptools.setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["guessgrad", "guessgrad.*"]),
-    package_data={"guessgrad.data": ["*.npz", "*.md"]},
+    package_data={"guessgrad": ["py.typed"], "guessgrad.data": ["*.npz", "*.md"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.4.30",

@@ -101,7 +101,9 @@ def main(argv):
     ]
     entries = []
     for name, trainable, options in cases:
-        estimator = gg.build_estimator(name, model, trainable=trainable, **options)
+        estimator = gg.get_estimator(
+            name, model, trainable=trainable, has_aux=True, **options
+        )
         optimizer = (
             optax.adamw(1e-3)
             if trainable is None

@@ -36,7 +36,6 @@ from absl import app, flags
 
 import guessgrad as gg
 from benchmarks.common import compiled_bytes
-from guessgrad._src import guesses as rules
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -124,8 +123,8 @@ def floor_macs(
         guess = sum(batch * batch * n for n in hidden)
     elif method == "wperp_ns":
         o = {**gg.estimator_options(method), **options}
-        _, _, products = rules.wperp_ns_settings(
-            o["rank"], o["variant"], o["power_iters"], o["block_size"]
+        products = gg.rules.wperp_ns_products(
+            o["rank"], o["variant"], o["krylov_steps"], o["block_size"], o["degree"]
         )
         guess = products * after_first
     else:
@@ -178,7 +177,7 @@ def measure_size(
             if mode
             else {}
         )
-        estimator = gg.build_estimator(name, model, **options)
+        estimator = gg.get_estimator(name, model, has_aux=True, **options)
         step = gg.make_train_step(estimator, optimizer)
         state = gg.init_train_state(params, optimizer, key)
         step_compiled = step.lower(state, data).compile()

@@ -4,7 +4,7 @@
     python -m benchmarks.wperp --quick         # MLP 3x256, batch 128
     python -m benchmarks.wperp --cosine_widths=512,1024 --rounds=0   # + whole-network cosines
 
-For each candidate (``guesses.wperp_ns_hidden`` options: the Krylov
+For each candidate (``gg.rules.wperp_ns`` options: the Krylov
 subspace of the default and cheaper or dearer settings of it, the Chebyshev
 filter, and ``wt``) and two kinds of weights:
 
@@ -56,7 +56,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.linalg
@@ -64,12 +63,7 @@ from absl import app, flags
 
 import guessgrad as gg
 from guessgrad import data as gdata
-from guessgrad._src import (
-    core,
-    estimators,
-)
-from guessgrad._src import guesses as rules
-from guessgrad._src.models import chain_fns
+from guessgrad import rules
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "MLP 3x256 instead of 6x1024.")
@@ -108,24 +102,26 @@ KRYLOV_SETTINGS = ((4, 4), (2, 4), (2, 14))
 def candidates(rank: int) -> dict[str, tuple]:
     """name -> (hidden rule or None for exact W-perp, Krylov (block, steps) or None)."""
     default_block = rules.KRYLOV_BLOCK
-    default_steps = rules.krylov_steps(rank)
-    out: dict[str, tuple] = {"wt": (rules.wt_hidden, None)}
+    default_steps = rules.default_krylov_steps(rank)
+    out: dict[str, tuple] = {"wt": (rules.wt, None)}
     settings = [(default_block, default_steps)] + [
         s for s in KRYLOV_SETTINGS if s != (default_block, default_steps)
     ]
     for block, steps in settings:
         default = (block, steps) == (default_block, default_steps)
         name = f"krylov b{block} d{steps}" + (" (default)" if default else "")
-        rule = rules.wperp_ns_hidden(rank, steps, block_size=block)
+        rule = rules.wperp_ns(rank, krylov_steps=steps, block_size=block)
         out[name] = (rule, (block, steps))
-    out["filter d6"] = (rules.wperp_ns_hidden(rank, 6, variant="vector"), None)
+    out["filter d6"] = (rules.wperp_ns(rank, variant="vector", degree=6), None)
     out["wperp exact"] = (None, None)
     return out
 
 
 def train(model, params, loader: gdata.Loader, steps: int):
     optimizer = optax.adamw(1e-3)
-    step = gg.make_train_step(gg.build_estimator("backprop", model), optimizer)
+    step = gg.make_train_step(
+        gg.get_estimator("backprop", model, has_aux=True), optimizer
+    )
     state = gg.init_train_state(params, optimizer, jax.random.key(1))
     metrics = {}
     for index in range(steps):
@@ -158,19 +154,8 @@ def exact_bases(ctx: rules.GuessContext, sites: list[int], rank: int):
 
 def site_gradients(model, params, batch, examples: int, sites: list[int]):
     """The true ``dl_b/ds_l`` of the first ``examples`` examples (by backprop)."""
-    fns = chain_fns(model)
-    layer_params = core.split_params(fns, params)
-    image, labels = batch["image"][:examples], batch["label"][:examples]
-    trace = core.forward(fns, layer_params, fns.preprocess(image), labels)
-
-    def total_loss(perturbations):
-        x = fns.preprocess(image)
-        for index, (site_fn, theta) in enumerate(zip(fns.site_fns, layer_params)):
-            site = site_fn(theta, x) + perturbations[index]
-            x = fns.activation(site)
-        return jnp.sum(core.per_example_loss(site, labels))
-
-    grads = jax.grad(total_loss)(tuple(jnp.zeros_like(s) for s in trace.sites))
+    sub = {"image": batch["image"][:examples], "label": batch["label"][:examples]}
+    grads = list(gg.site_gradients(model, params, sub).values())  # forward order
     return {i: np.asarray(grads[i], np.float64).reshape(examples, -1) for i in sites}
 
 
@@ -261,11 +246,8 @@ def gradient_in_top_k(bases, grads) -> float:
 
 
 def sub_context(model, params, batch, examples: int) -> rules.GuessContext:
-    fns = chain_fns(model)
-    layer_params = core.split_params(fns, params)
-    image, labels = batch["image"][:examples], batch["label"][:examples]
-    trace = core.forward(fns, layer_params, fns.preprocess(image), labels)
-    return rules.GuessContext(fns, layer_params, trace.sites)
+    sub = {"image": batch["image"][:examples], "label": batch["label"][:examples]}
+    return gg.guess_context(model, params, sub)
 
 
 def time_steps(model, params, batch, named_rules, modes, rounds, max_seconds):
@@ -275,10 +257,10 @@ def time_steps(model, params, batch, named_rules, modes, rounds, max_seconds):
     for name, hidden in named_rules.items():
         for mode in modes:
             if name == "wt":
-                estimator = gg.build_estimator("wt", model, mode=mode)
+                estimator = gg.get_estimator("wt", model, mode=mode, has_aux=True)
             else:
-                estimator = estimators.activation_space(
-                    model, rules.rule_from(hidden), mode=mode
+                estimator = gg.estimators.from_rule(
+                    model, hidden, mode=mode, has_aux=True
                 )
             step = (
                 gg.make_train_step(estimator, optimizer).lower(state, batch).compile()

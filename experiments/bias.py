@@ -26,7 +26,6 @@ from absl import app, flags
 import guessgrad as gg
 from experiments import measuring
 from guessgrad import metrics
-from guessgrad._src import sites as sites_lib
 
 FLAGS = flags.FLAGS
 NAME = "bias"
@@ -57,19 +56,9 @@ def analytic_wt(setup: measuring.Setup, params, example) -> list[dict]:
     cosine ``cos(C g, g)`` the mean of many guesses tends to. (Activation
     perturbation has ``C = I``: no bias.)
     """
-    variables = sites_lib.split_variables(params)
-    args = (example["image"],)
     found = gg.structure(setup.model, params, example)
-    zeros = {s.path: jnp.zeros(s.shape, s.dtype) for s in found.sites}
-
-    def loss(perturbations):
-        outputs, _, _ = sites_lib.run(
-            setup.model, variables, args, perturbations=perturbations
-        )
-        return gg.per_example_loss(outputs, example["label"]).mean()
-
-    site_grads = jax.grad(loss)(zeros)
-    _, raw, _ = sites_lib.run(setup.model, variables, args)
+    site_grads = gg.site_gradients(setup.model, params, example)
+    raw = gg.site_values(setup.model, params, example)
     layers = []
     for index, info in enumerate(found.sites[:-1]):
         g, s = site_grads[info.path][0], raw[info.path][0]

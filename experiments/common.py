@@ -90,13 +90,10 @@ _OPTIONS = (
         "activation_perturbation: multiply the noise by the site's ReLU mask.",
     ),
     (
-        "power_iters",
-        "power_iters",
+        "krylov_steps",
+        "krylov_steps",
         "integer",
-        (
-            "wperp_ns: Krylov steps (default: enough for max(3 rank, 16) "
-            "dimensions), or the filter's degree (variant vector, default 6)."
-        ),
+        "wperp_ns (variant krylov): Krylov steps (default: enough for max(3 rank, 16) dimensions).",
     ),
     (
         "block_size",
@@ -105,16 +102,16 @@ _OPTIONS = (
         "wperp_ns (variant krylov): vectors per Krylov block (default 2).",
     ),
     (
-        "ns_steps",
-        "ns_steps",
+        "degree",
+        "degree",
         "integer",
-        "wperp_ns (variant block): Newton-Schulz orthonormalisation steps.",
+        "wperp_ns (variant vector): the filter's degree (default 6).",
     ),
     (
         "variant",
         "variant",
         "string",
-        "wperp_ns: krylov (default: W-perp's subspace), vector (a filter) or block.",
+        "wperp_ns: krylov (default: W-perp's subspace) or vector (a filter).",
     ),
     (
         "cutoff",
@@ -162,7 +159,7 @@ def define_flags(
         "unused for mnist10k).",
     )
     f["optimizer"] = flags.DEFINE_string(
-        "optimizer", "adamw", f"Optimiser: one of {', '.join(gg.OPTIMIZERS)}."
+        "optimizer", "adamw", f"Optimiser: one of {', '.join(experiment.OPTIMIZERS)}."
     )
     f["learning_rate"] = flags.DEFINE_float(
         "learning_rate", learning_rate, ("Step size. " + learning_rate_help).strip()

@@ -155,12 +155,16 @@ def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Set
     params = spec.init_params(model, init_key, loader.batch(0)["image"])
     args = {**spec.estimator_args(), "trainable": spec.trainable()}
     options = options or {}
-    estimators = {"backprop": gg.get_estimator("backprop", model, **args)}
+    estimators = {"backprop": gg.get_estimator("backprop", model, **args, has_aux=True)}
     for v in variants(methods):
         estimators[v.label] = gg.get_estimator(
-            v.method, model, **args, **{**v.options, **options.get(v.label, {})}
+            v.method,
+            model,
+            **args,
+            **{**v.options, **options.get(v.label, {})},
+            has_aux=True,
         )
-    metric_fn = gg.build_estimator("backprop", model, **args)
+    metric_fn = gg.get_estimator("backprop", model, **args, has_aux=True)
 
     def loss_fn(params, batch):
         return metric_fn(params, batch, None)[1]["loss"]
@@ -190,13 +194,14 @@ def trajectory(
     if optimizer is None:
         optimizer = optax.adamw(FLAGS.learning_rate)
     if estimator is None:
-        estimator = gg.build_estimator(
+        estimator = gg.get_estimator(
             "backprop",
             setup.model,
             **setup.spec.estimator_args(),
             trainable=setup.spec.trainable(),
+            has_aux=True,
         )
-    step_fn = gg.make_train_step(estimator, optimizer)
+    step_fn = gg.make_train_step(estimator, optimizer, has_aux=True)
     state = gg.init_train_state(setup.params, optimizer, jax.random.key(FLAGS.seed))
     at = sorted({round(i * FLAGS.steps / max(points - 1, 1)) for i in range(points)})
     for step in range(FLAGS.steps + 1):

@@ -37,8 +37,6 @@ from absl import app, flags
 import guessgrad as gg
 from experiments import measuring
 from guessgrad import experiment, metrics
-from guessgrad._src import guesses as rules
-from guessgrad._src.estimators import activation_space
 
 FLAGS = flags.FLAGS
 NAME = "self_sharpening"
@@ -71,11 +69,12 @@ def powered_estimator(model, p: float):
             for i in range(len(layers))
         ]
 
-        def hidden(ctx, index, guess_key):
-            eps = rules.normal_like(guess_key, ctx.value(ctx.target(index)))
+        def guess(ctx, index, guess_key):
+            eps = gg.rules.normal_like(guess_key, ctx.value(ctx.target(index)))
             return ctx.mask(index, eps @ powered[index + 1].T)
 
-        return activation_space(model, rules.rule_from(hidden))(params, batch, key)
+        estimator = gg.estimators.from_rule(model, guess, has_aux=True)
+        return estimator(params, batch, key)
 
     return estimate
 

@@ -33,7 +33,6 @@ from absl import app, flags
 import guessgrad as gg
 from experiments import measuring
 from guessgrad import metrics
-from guessgrad._src import sites as sites_lib
 
 FLAGS = flags.FLAGS
 NAME = "subspace"
@@ -49,7 +48,7 @@ def ks_for(n: int) -> tuple[int, ...]:
 
 def layer_inputs(setup: measuring.Setup, params, images) -> list[jax.Array]:
     """Each linear layer's input [B, n]: the image, then the previous site after its activation."""
-    _, raw, _ = sites_lib.run(setup.model, sites_lib.split_variables(params), (images,))
+    raw = gg.site_values(setup.model, params, {"image": images})
     labels = jnp.zeros(images.shape[0], jnp.int32)
     found = gg.structure(setup.model, params, {"image": images, "label": labels})
     inputs = [images.reshape(images.shape[0], -1)]
@@ -66,17 +65,8 @@ def input_gradients(model, params, batch) -> list[jax.Array]:
     ``s_l = x_l K_l + b_l``), per example (the examples' losses are
     independent), by reverse mode.
     """
-    variables = sites_lib.split_variables(params)
     found = gg.structure(model, params, batch)
-    zeros = {s.path: jnp.zeros(s.shape, s.dtype) for s in found.sites}
-
-    def total_loss(perturbations):
-        outputs, _, _ = sites_lib.run(
-            model, variables, (batch["image"],), perturbations=perturbations
-        )
-        return jnp.sum(gg.per_example_loss(outputs, batch["label"]))
-
-    site_grads = jax.grad(total_loss)(zeros)
+    site_grads = gg.site_gradients(model, params, batch)
     names = sorted(params["params"], key=_layer_index)
     return [
         site_grads[info.path].reshape(batch["image"].shape[0], -1)

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 import jax
@@ -52,6 +52,26 @@ import optax
 
 import guessgrad as gg
 from guessgrad import data, parallel
+
+# Optimisers by name (the command line's --optimizer).
+OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "adamw": lambda lr: optax.adamw(lr, weight_decay=1e-4),
+    "sgd": optax.sgd,
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+    "stable_adamw": gg.stable_adamw,
+}
+
+
+def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    """Optimiser ``name`` (adamw, sgd, momentum = SGD with momentum 0.9, stable_adamw)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(
+            f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}."
+        )
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive; got {learning_rate!r}.")
+    return OPTIMIZERS[name](learning_rate)
+
 
 DEFAULT_METHOD = "mixing"
 DEFAULT_LEARNING_RATE = 1e-3
@@ -379,7 +399,7 @@ class Config:
       dataset: a name in ``guessgrad.data.DATASETS``.
       data_dir: tfds data directory (unused for the packaged ``mnist10k``).
       model: the architecture, a :class:`ModelSpec` (default a 3x128 MLP).
-      optimizer: a key of ``guessgrad.OPTIMIZERS``.
+      optimizer: a key of :data:`OPTIMIZERS`.
       learning_rate: the optimiser's step size.
       batch_size: training examples per step.
       epochs: training length in passes over the training set, unless ``steps``.
@@ -595,7 +615,7 @@ def validate(config: Config) -> None:
             f"got {config.model!r}."
         )
     config.model.validate(data.image_shape(config.dataset))
-    gg.make_optimizer(config.optimizer, config.learning_rate)
+    make_optimizer(config.optimizer, config.learning_rate)
     # Builds (without running) the estimator: checks the name, option names and
     # option values, and options the model cannot take.
     try:
@@ -607,11 +627,12 @@ def validate(config: Config) -> None:
 def _estimator(config: Config, num_classes: int):
     """The estimator of ``config`` for its model, ``(params, batch, key) -> (grads, metrics)``."""
     spec = config.model
-    return gg.build_estimator(
+    return gg.get_estimator(
         config.method,
         spec.build(num_classes),
         **spec.estimator_args(),
         **dict(config.options),
+        has_aux=True,
     )
 
 
@@ -712,7 +733,10 @@ def _write_json(path: str, obj: Any) -> None:
 def _checkpoint_manager(directory: str, keep: int):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    # Orbax removes the temporary folders of saves that never finished.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -946,19 +970,13 @@ def check_workdir(path: str) -> None:
         ) from None
 
 
-_ORBAX_TEMPORARY = ".orbax-checkpoint-tmp"
-
-
 def _prepare_workdir(config: Config, workdir: str, num_steps: int) -> list[int]:
     """Checks the workdir against ``config.resume``; returns the saved checkpoint steps.
 
-    Leftover temporary folders of a save that never finished are removed.
+    Temporary folders of a save that never finished are Orbax's to remove
+    (when the run's checkpoint manager starts); they are not checkpoints.
     """
     directory = os.path.join(workdir, CHECKPOINT_DIR)
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if _ORBAX_TEMPORARY in name:
-                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     steps = checkpoint_steps(workdir)
     if steps and not config.resume:
         raise WorkdirError(
@@ -1020,6 +1038,13 @@ def _upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
     if "model" not in record and "depth" in record and "width" in record:
         record["model"] = MLPSpec(record.pop("depth"), record.pop("width")).to_json()
     record.setdefault("augment", False)
+    options = dict(record.get("options", {}))
+    if record.get("method") == "wperp_ns" and "power_iters" in options:
+        # Before 0.2 one option meant the Krylov steps or the filter's degree.
+        renamed = "degree" if options.get("variant") == "vector" else "krylov_steps"
+        options[renamed] = options.pop("power_iters")
+        options.pop("ns_steps", None)
+        record["options"] = options
     return record
 
 
@@ -1423,12 +1448,16 @@ def _train_step(config: Config, num_classes: int, mesh):
 def _build_train_step(
     method, options, spec, num_classes, optimizer_name, learning_rate, augment, mesh
 ):
-    optimizer = gg.make_optimizer(optimizer_name, learning_rate)
+    optimizer = make_optimizer(optimizer_name, learning_rate)
     trainable = spec.trainable()
     if trainable is not None:  # frozen leaves never move, weight decay included
         optimizer = optax.masked(optimizer, trainable)
-    estimator = gg.build_estimator(
-        method, spec.build(num_classes), **spec.estimator_args(), **dict(options)
+    estimator = gg.get_estimator(
+        method,
+        spec.build(num_classes),
+        **spec.estimator_args(),
+        **dict(options),
+        has_aux=True,
     )
     if augment:
         estimator = _augmented(estimator, flatten=spec.flatten)
@@ -1465,6 +1494,7 @@ def _augmented(estimator, *, flatten: bool):
             images = images.reshape(images.shape[0], -1)
         return estimator(params, {**batch, "image": images}, estimator_key)
 
+    estimate.has_aux = getattr(estimator, "has_aux", False)
     return estimate
 
 

@@ -12,9 +12,7 @@ from guessgrad._src.localmixer import (
 from guessgrad._src.models import (
     MLP,
     Chain,
-    ChainFns,
     Linear,
-    chain_fns,
     fan_in_uniform,
 )
 from guessgrad._src.vit import (
@@ -32,12 +30,10 @@ __all__ = (
     "OBJECTIVES",
     "VIT_CONFIGS",
     "Chain",
-    "ChainFns",
     "Linear",
     "LocalMixer",
     "MixerBlock",
     "ViT",
-    "chain_fns",
     "fan_in_uniform",
     "load_vit_npz",
     "local_mixer",

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import make_batch
 
 import guessgrad as gg
 
@@ -54,20 +55,6 @@ class _DenseNorm(nn.Module):
         return nn.LayerNorm()(gg.models.Linear(self.features)(x))
 
 
-# Estimators that guess in activation space (they take a `mode`), and those of
-# them whose guesses never read the label.
-ACTIVATION_SPACE = [n for n in gg.ESTIMATORS if "mode" in gg.estimator_options(n)]
-LABEL_FREE = [n for n in ACTIVATION_SPACE if n != "self_sharpening"]
-
-
-def make_batch(key, batch_size=4, shape=(2, 3), num_classes=5):
-    image_key, label_key = jax.random.split(key)
-    return {
-        "image": jax.random.normal(image_key, (batch_size,) + shape),
-        "label": jax.random.randint(label_key, (batch_size,), 0, num_classes),
-    }
-
-
 @pytest.fixture
 def small_mlp():
     """A 3-layer MLP of width 8 on 6 input features, 5 classes, batch of 4."""
@@ -83,12 +70,3 @@ def normed_chain():
     batch = make_batch(jax.random.key(2))
     params = model.init(jax.random.key(3), batch["image"])
     return model, params, batch
-
-
-def flat(tree):
-    return jax.flatten_util.ravel_pytree(tree)[0]
-
-
-def cosine(a, b):
-    a, b = flat(a), flat(b)
-    return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))

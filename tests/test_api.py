@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ACTIVATION_SPACE, flat, make_batch
+from helpers import ACTIVATION_SPACE, flat, make_batch
 
 import guessgrad as gg
+from guessgrad import experiment
 
-OPTIONS = {"wperp": {"rank": 3}, "wperp_ns": {"rank": 3, "power_iters": 1}}
+OPTIONS = {"wperp": {"rank": 3}, "wperp_ns": {"rank": 3, "krylov_steps": 1}}
 
 
 def estimator(name, model, **kwargs):
@@ -75,9 +76,9 @@ def test_training_lowers_the_loss(name):
     batch = _separable_problem()
     model = gg.models.MLP(depth=3, width=16, num_classes=4)
     params = model.init(jax.random.key(2), batch["image"])
-    optimizer = gg.make_optimizer("adamw", 1e-2)
+    optimizer = experiment.make_optimizer("adamw", 1e-2)
     step = gg.make_train_step(
-        gg.build_estimator(name, model, **OPTIONS.get(name, {})), optimizer
+        gg.get_estimator(name, model, **OPTIONS.get(name, {}), has_aux=True), optimizer
     )
     state = gg.init_train_state(params, optimizer, jax.random.key(3))
     _, first = step(state, batch)
@@ -107,7 +108,7 @@ def test_unknown_names_and_options_list_the_valid_choices(small_mlp):
     with pytest.raises(
         ValueError, match="Unknown optimizer 'adam'; valid names: adamw, sgd"
     ):
-        gg.make_optimizer("adam", 1e-3)
+        experiment.make_optimizer("adam", 1e-3)
 
 
 @pytest.mark.parametrize(
@@ -209,8 +210,8 @@ def test_train_step_compiles_once_on_device_placed_batches(small_mlp):
     """The state from init_train_state and the step's output state hit the same cache entry."""
     model, params, batch = small_mlp
     batch = jax.device_put(batch, jax.devices()[0])  # committed, as data.Loader gives
-    optimizer = gg.make_optimizer("adamw", 1e-3)
-    step = gg.make_train_step(gg.build_estimator("wt", model), optimizer)
+    optimizer = experiment.make_optimizer("adamw", 1e-3)
+    step = gg.make_train_step(gg.get_estimator("wt", model, has_aux=True), optimizer)
     state = gg.init_train_state(params, optimizer, jax.random.key(0))
     for _ in range(3):
         state, _ = step(state, batch)
@@ -240,3 +241,24 @@ def test_lean_mode_memory_does_not_grow_with_depth(name):
     backprop = [_estimator_temp_bytes("backprop", d) for d in (4, 12)]
     assert backprop[1] - backprop[0] > 6 * activation
     assert lean[1] - lean[0] <= 2 * activation
+
+
+def test_a_train_step_says_when_an_estimator_returns_metrics_undeclared(small_mlp):
+    model, params, batch = small_mlp
+    optimizer = optax.sgd(0.1)
+    state = gg.init_train_state(params, optimizer, jax.random.key(0))
+    with_metrics = gg.estimators.wt(model, has_aux=True)
+
+    def undeclared(params, batch, key):  # a wrapper that loses the attribute
+        return with_metrics(params, batch, key)
+
+    with pytest.raises(ValueError, match="needs has_aux=True"):
+        gg.make_train_step(undeclared, optimizer)(state, batch)
+    state, metrics = gg.make_train_step(undeclared, optimizer, has_aux=True)(
+        state, batch
+    )
+    assert set(metrics) == {"loss", "accuracy", "finite"}
+    state, metrics = gg.make_train_step(gg.estimators.wt(model), optimizer)(
+        state, batch
+    )
+    assert set(metrics) == {"finite"} and int(state.step) == 2

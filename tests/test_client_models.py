@@ -12,15 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import cosine, flat
+from helpers import assert_mean_matches, cosine, flat
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_estimators import assert_mean_matches
-from test_sites import DropoutMLP
-from zoo import NUM_CLASSES, ZOO, PatchLocal
+from zoo import NUM_CLASSES, ZOO, DropoutMLP, PatchLocal
 
 import guessgrad as gg
-from guessgrad._src.estimators import losses_reached
+from guessgrad._src.problem import losses_reached
 
 KEYS = 20_000
 

@@ -3,18 +3,15 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from helpers import PNG_SIGNATURE, TINY, cli, read_json, untimed
 
 import guessgrad as gg
 from guessgrad import data, experiment
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RESULT_KEYS = {
     "method",
     "steps",
@@ -27,31 +24,9 @@ _RESULT_KEYS = {
     "devices",
     "backend",
 }
+
+
 # Fields of metrics.jsonl records that measure time, not the computation.
-_TIMING_FIELDS = ("wall_time_s", "examples_per_s")
-
-# Tiny runs: width 16, small batches, 10 steps; the whole test set is still evaluated.
-TINY = experiment.Config(
-    model=experiment.MLPSpec(width=16),
-    batch_size=32,
-    steps=10,
-    eval_every=10,
-    log_every=5,
-    train_eval_examples=200,
-    eval_batch_size=500,
-    progress=False,
-)
-
-
-def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _untimed(records):
-    return [{k: v for k, v in r.items() if k not in _TIMING_FIELDS} for r in records]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(gg.ESTIMATORS))
 def test_run_writes_every_output(method, tmp_path):
@@ -59,7 +34,7 @@ def test_run_writes_every_output(method, tmp_path):
         dataclasses.replace(TINY, method=method, workdir=str(tmp_path))
     )
 
-    config = _read_json(tmp_path / "config.json")
+    config = read_json(tmp_path / "config.json")
     assert config["config"]["method"] == method
     assert config["estimator_options"] == gg.estimator_options(method)
     assert config["total_steps"] == 10
@@ -76,14 +51,14 @@ def test_run_writes_every_output(method, tmp_path):
             assert np.isfinite(r[f"{split}_loss"])
     assert all(np.isfinite(r["loss"]) for r in trains)
 
-    saved = _read_json(tmp_path / "results.json")
+    saved = read_json(tmp_path / "results.json")
     assert saved == json.loads(json.dumps(results))
     assert _RESULT_KEYS <= set(saved)
     assert saved["steps"] == 10
     assert saved["test_accuracy"] == evals[-1]["test_accuracy"]
     assert saved["train_loss"] == evals[-1]["train_loss"]
 
-    assert (tmp_path / "curves.png").read_bytes()[:8] == _PNG_SIGNATURE
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
     assert experiment.checkpoint_steps(str(tmp_path)) == [10]
 
 
@@ -137,7 +112,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     # metrics.jsonl: no duplicates after the checkpoint, the same lines as one run.
     full_records = experiment.read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
     resumed_records = experiment.read_metrics(os.path.join(parts, "metrics.jsonl"))
-    assert _untimed(resumed_records) == _untimed(full_records)
+    assert untimed(resumed_records) == untimed(full_records)
 
 
 def test_stop_after_then_resume(tmp_path):
@@ -170,16 +145,16 @@ def test_compare_tabulates_each_method(tmp_path):
     rows = experiment.compare(config, ["backprop", "directional"])
 
     assert [row["method"] for row in rows] == ["backprop", "directional"]
-    saved = _read_json(tmp_path / "compare.json")
+    saved = read_json(tmp_path / "compare.json")
     assert saved["methods"] == ["backprop", "directional"]
     assert saved["rows"] == json.loads(json.dumps(rows))
     for row in rows:
-        results = _read_json(tmp_path / row["method"] / "results.json")
+        results = read_json(tmp_path / row["method"] / "results.json")
         assert row["test_accuracy"] == results["test_accuracy"]
     # Each method got only the options it takes.
-    assert _read_json(tmp_path / "backprop" / "config.json")["estimator_options"] == {}
+    assert read_json(tmp_path / "backprop" / "config.json")["estimator_options"] == {}
     assert (
-        _read_json(tmp_path / "directional" / "config.json")["estimator_options"][
+        read_json(tmp_path / "directional" / "config.json")["estimator_options"][
             "num_guesses"
         ]
         == 2
@@ -205,19 +180,8 @@ def test_invalid_configs_name_the_valid_choices(tmp_path):
     assert not os.listdir(tmp_path)  # nothing was written
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.mlp", *args],
-        check=False,
-        cwd=_REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_cli_rejects_an_unknown_method_listing_the_valid_names():
-    result = _cli("--method=nope")
+    result = cli("--method=nope")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "'nope'" in result.stderr
@@ -226,7 +190,7 @@ def test_cli_rejects_an_unknown_method_listing_the_valid_names():
 
 
 def test_cli_rejects_an_option_the_method_does_not_take():
-    result = _cli("--method=wt", "--rank=3")
+    result = cli("--method=wt", "--rank=3")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--rank" in result.stderr and "wperp" in result.stderr

@@ -3,17 +3,13 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from test_experiment import _read_json, _untimed
+from helpers import cli, read_json, untimed
 
 from guessgrad import data, experiment
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A few steps of the tiny mixer on small batches; the whole test set is still evaluated.
 MIXER = experiment.Config(
@@ -33,7 +29,7 @@ MIXER = experiment.Config(
 def test_localmixer_run_writes_every_output(tmp_path):
     results = experiment.run(dataclasses.replace(MIXER, workdir=str(tmp_path)))
 
-    saved = _read_json(tmp_path / "config.json")["config"]
+    saved = read_json(tmp_path / "config.json")["config"]
     assert saved["model"] == {
         "kind": "localmixer",
         "config": "tiny",
@@ -88,8 +84,8 @@ def test_localmixer_augmented_resume_equals_uninterrupted_run(tmp_path):
         resumed_params,
     )
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
-    assert _untimed(experiment.read_metrics(os.path.join(parts, "metrics.jsonl"))) == (
-        _untimed(experiment.read_metrics(str(tmp_path / "full" / "metrics.jsonl")))
+    assert untimed(experiment.read_metrics(os.path.join(parts, "metrics.jsonl"))) == (
+        untimed(experiment.read_metrics(str(tmp_path / "full" / "metrics.jsonl")))
     )
 
 
@@ -128,7 +124,7 @@ def test_augmented_run_on_mock_cifar10(model, monkeypatch, tmp_path):
         results = experiment.run(config)
     assert results["steps"] == 2 and results["augment"] is True
     assert np.isfinite(results["test_loss"])
-    saved = _read_json(tmp_path / "run" / "config.json")
+    saved = read_json(tmp_path / "run" / "config.json")
     assert saved["num_train_examples"] == saved["num_test_examples"] == 40
 
 
@@ -184,7 +180,7 @@ def test_resumes_a_run_saved_before_model_specs(tmp_path):
     )
     experiment.run(dataclasses.replace(config, stop_after=2))
     path = tmp_path / "config.json"
-    record = _read_json(path)
+    record = read_json(path)
     del record["config"]["model"], record["config"]["augment"]
     record["config"].update(depth=3, width=16)
     path.write_text(json.dumps(record))
@@ -195,29 +191,24 @@ def test_resumes_a_run_saved_before_model_specs(tmp_path):
     assert experiment.run(dataclasses.replace(config, resume=True))["steps"] == 4
 
 
-def _cli(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.localmixer", *args],
-        check=False,
-        cwd=_REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def localmixer_cli(*args, timeout=120):
+    return cli(*args, module="experiments.localmixer", timeout=timeout)
 
 
 def test_cli_rejects_bad_model_flags_in_one_line():
-    result = _cli("--config=M/8/16")  # an 8x8 grid does not divide 28x28 digits
+    result = localmixer_cli(
+        "--config=M/8/16"
+    )  # an 8x8 grid does not divide 28x28 digits
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "localmixer: " in result.stderr and "tiny" in result.stderr
-    result = _cli("--objective=greedy")
+    result = localmixer_cli("--objective=greedy")
     assert result.returncode == 2 and "global, local, local_greedy" in result.stderr
 
 
 @pytest.mark.slow
 def test_cli_trains_the_tiny_mixer(tmp_path):
-    result = _cli(
+    result = localmixer_cli(
         "--method=activation_perturbation",
         "--mask",
         "--objective=local",
@@ -230,10 +221,10 @@ def test_cli_trains_the_tiny_mixer(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert f"results in {tmp_path}" in result.stdout
-    saved = _read_json(tmp_path / "config.json")
+    saved = read_json(tmp_path / "config.json")
     assert saved["estimator_options"]["mask"] is True
     assert saved["config"]["model"]["objective"] == "local"
-    assert _read_json(tmp_path / "results.json")["steps"] == 3
+    assert read_json(tmp_path / "results.json")["steps"] == 3
     # A second run into the same workdir is refused without --resume.
-    again = _cli(f"--workdir={tmp_path}", "--steps=3", "--objective=local")
+    again = localmixer_cli(f"--workdir={tmp_path}", "--steps=3", "--objective=local")
     assert again.returncode == 1 and "--resume" in again.stderr

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_experiment import _PNG_SIGNATURE, _REPO
+from helpers import PNG_SIGNATURE, REPO
 
 TINY = ("--depth=2", "--width=16", "--steps=6", "--batch_size=32")
 
@@ -15,7 +15,7 @@ def _run(module, *args):
     result = subprocess.run(
         [sys.executable, "-m", f"experiments.{module}", *args],
         check=False,
-        cwd=_REPO,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
@@ -28,7 +28,7 @@ def _outputs(workdir, name):
     with open(os.path.join(workdir, f"{name}.json"), encoding="utf-8") as f:
         record = json.load(f, parse_constant=lambda t: pytest.fail(t))
     with open(os.path.join(workdir, f"{name}.png"), "rb") as f:
-        assert f.read(8) == _PNG_SIGNATURE
+        assert f.read(8) == PNG_SIGNATURE
     with open(os.path.join(workdir, f"{name}.md"), encoding="utf-8") as f:
         assert f.read().startswith("| ")
     return record
@@ -195,7 +195,7 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.cosine", *TINY, f"--workdir={path}"],
         check=False,
-        cwd=_REPO,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -230,7 +230,7 @@ def _run_snippet(code):
     result = subprocess.run(
         [sys.executable, "-c", code],
         check=False,
-        cwd=_REPO,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_batch
+from helpers import make_batch
 
 import guessgrad as gg
 from guessgrad import metrics

@@ -10,8 +10,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import cosine, flat
-from test_estimators import assert_mean_matches
+from helpers import assert_mean_matches, cosine, flat
 from zoo import ZOO
 
 import guessgrad as gg

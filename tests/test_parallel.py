@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO
 from jax.sharding import AbstractMesh
 
 from guessgrad import parallel
+from guessgrad._src import parallel as parallel_src
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 _METHODS = ("backprop", "wt", "mixing")
 # Measured max |8 devices - 1 device| over all parameters after 5 steps
@@ -59,7 +60,7 @@ def loader(mesh):
 loader8, loader1 = loader(mesh8), loader(mesh1)
 out = {"describe": parallel.describe(mesh8), "methods": {}}
 for name in %(methods)r:
-    estimator = gg.build_estimator(name, model)
+    estimator = gg.get_estimator(name, model, has_aux=True)
     state = gg.init_train_state(params, optimizer, jax.random.key(1))
     step8 = parallel.make_parallel_train_step(estimator, optimizer, mesh8)
     step1 = parallel.make_parallel_train_step(estimator, optimizer, mesh1)
@@ -101,7 +102,7 @@ def _run(
     return subprocess.run(
         [sys.executable, "-c", script],
         env=env,
-        cwd=_REPO,
+        cwd=REPO,
         capture_output=True,
         check=False,
         text=True,
@@ -191,7 +192,7 @@ def test_replicate_and_shard_batch_round_trip(small_mlp):
         parallel.shard_batch({"image": np.float32(1.0)}, mesh)
 
     # The parallel step on one device is the plain step.
-    estimator = gg.build_estimator("wt", model)
+    estimator = gg.get_estimator("wt", model, has_aux=True)
     step = parallel.make_parallel_train_step(estimator, optimizer, mesh)
     new, metrics = step(state, host)
     ref, _ = gg.make_train_step(estimator, optimizer)(state, batch)
@@ -228,14 +229,14 @@ def clean_env(monkeypatch):
 
 
 def test_single_host_does_not_initialize(clean_env):
-    assert parallel._multihost_launcher() is None
+    assert parallel_src._multihost_launcher() is None
     clean_env.setenv("SLURM_JOB_ID", "7")  # a one-task SLURM job is a single host
     for name in ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"):
         clean_env.setenv(name, "0")
     clean_env.setenv("SLURM_NTASKS", "1")
     clean_env.setenv("JAX_NUM_PROCESSES", "1")
     clean_env.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
-    assert parallel._multihost_launcher() is None
+    assert parallel_src._multihost_launcher() is None
     assert parallel.maybe_initialize_distributed() is False
     assert parallel.maybe_initialize_distributed() is False  # safe twice
     assert not jax.distributed.is_initialized()
@@ -245,9 +246,9 @@ def test_multihost_detection(clean_env):
     clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     clean_env.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
-        parallel._multihost_launcher()
+        parallel_src._multihost_launcher()
     clean_env.setenv("JAX_PROCESS_ID", "1")
-    _, kwargs = parallel._multihost_launcher()
+    _, kwargs = parallel_src._multihost_launcher()
     assert kwargs == {
         "coordinator_address": "10.0.0.1:1234",
         "num_processes": 2,
@@ -283,7 +284,7 @@ y = ds.train_labels[:64]
 model = gg.models.MLP(depth=3, width=32, num_classes=10)
 params = model.init(jax.random.key(0), x[:1])
 optimizer = optax.sgd(0.1, momentum=0.9)
-estimator = gg.build_estimator("wt", model)
+estimator = gg.get_estimator("wt", model, has_aux=True)
 state = gg.init_train_state(params, optimizer, jax.random.key(1))
 mesh1 = parallel.data_mesh(jax.local_devices()[:1])
 step8 = parallel.make_parallel_train_step(estimator, optimizer, mesh)
@@ -325,7 +326,7 @@ def test_two_processes_match_one_device():
             subprocess.Popen(
                 [sys.executable, "-c", _TWO_PROCESSES],
                 env=env,
-                cwd=_REPO,
+                cwd=REPO,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

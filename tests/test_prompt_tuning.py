@@ -1,18 +1,16 @@
 """Prompt tuning through the experiment runner: a frozen backbone, shifted data, the entry point."""
 
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from helpers import REPO
 
 import guessgrad as gg
 from guessgrad import data, experiment
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _backbone(path, num_classes=10):
@@ -101,7 +99,7 @@ def test_the_experiment_pretrains_and_compares(tmp_path):
                 "--progress=false",
                 *extra,
             ],
-            cwd=_REPO,
+            cwd=REPO,
             capture_output=True,
             text=True,
             timeout=600,

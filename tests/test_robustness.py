@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_experiment import _REPO, TINY, _cli, _read_json, _untimed
+from helpers import REPO, TINY, cli, read_json, untimed
+from orbax.checkpoint._src.path import step as step_lib
 
 import guessgrad as gg
 from guessgrad import data, experiment
@@ -67,7 +68,7 @@ def test_an_absurd_learning_rate_ends_diverged_with_valid_json(tmp_path):
 
 @pytest.mark.slow
 def test_the_cli_exits_non_zero_on_divergence(tmp_path):
-    result = _cli(
+    result = cli(
         "--method=wt",
         "--optimizer=sgd",
         "--learning_rate=1e3",
@@ -82,7 +83,7 @@ def test_the_cli_exits_non_zero_on_divergence(tmp_path):
 
 @pytest.mark.parametrize("rate", ["inf", "nan", "0", "-1e-3"])
 def test_a_learning_rate_that_is_not_finite_and_positive_is_refused(rate, tmp_path):
-    result = _cli(f"--learning_rate={rate}", f"--workdir={tmp_path / 'w'}")
+    result = cli(f"--learning_rate={rate}", f"--workdir={tmp_path / 'w'}")
     assert result.returncode == 2
     assert "learning_rate must be a finite number > 0" in result.stderr
     assert not (tmp_path / "w").exists()
@@ -104,14 +105,16 @@ def test_skip_nonfinite_keeps_the_parameters_of_a_non_finite_step():
         ), {"loss": jnp.float32(1.0)}
 
     state = gg.init_train_state(params, optimizer, jax.random.key(1))
-    skipped, metrics = gg.make_train_step(estimator, optimizer, skip_nonfinite=True)(
-        state, batch
-    )
+    skipped, metrics = gg.make_train_step(
+        estimator, optimizer, skip_nonfinite=True, has_aux=True
+    )(state, batch)
     assert not bool(metrics["finite"])
     assert int(skipped.step) == 1
     same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), skipped.params, params)
     assert all(jax.tree.leaves(same))
-    applied, metrics = gg.make_train_step(estimator, optimizer)(state, batch)
+    applied, metrics = gg.make_train_step(estimator, optimizer, has_aux=True)(
+        state, batch
+    )
     assert not bool(metrics["finite"])
     assert not all(
         bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(applied.params)
@@ -141,8 +144,8 @@ def test_the_data_layer_checks_labels():
     with pytest.raises(
         ValueError, match=r"my split: labels must be in 0\.\.9.*\[2\] = 10"
     ):
-        data.check_labels(np.array([0, 9, 10]), 10, where="my split")
-    data.check_labels(np.array([0, 9]), 10)
+        gg.check_labels(np.array([0, 9, 10]), 10, where="my split")
+    gg.check_labels(np.array([0, 9]), 10)
     images = np.zeros((4, 2, 2, 1), np.uint8)
     with pytest.raises(ValueError, match=r"\[3\] = -1"):
         data.Loader(
@@ -162,7 +165,7 @@ def test_the_data_layer_checks_labels():
 def test_a_workdir_that_is_a_file_is_refused_before_loading(tmp_path):
     path = tmp_path / "a_file"
     path.write_text("")
-    result = _cli(f"--workdir={path}")
+    result = cli(f"--workdir={path}")
     assert result.returncode == 2
     assert result.stderr.strip().endswith("is a file; choose another --workdir.")
     assert "Traceback" not in result.stderr
@@ -176,14 +179,14 @@ def test_a_workdir_that_cannot_be_written_is_refused(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         place = str(locked / "run")
-    result = _cli(f"--workdir={place}")
+    result = cli(f"--workdir={place}")
     assert result.returncode == 2
     assert "cannot be written" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
-    result = _cli("--batch_size=8001", f"--workdir={tmp_path}")
+    result = cli("--batch_size=8001", f"--workdir={tmp_path}")
     assert result.returncode == 2
     assert "8000 examples" in result.stderr
     assert "Traceback" not in result.stderr
@@ -194,7 +197,7 @@ def test_resuming_with_fewer_steps_than_were_trained_is_refused(tmp_path):
     experiment.run(config)
     with pytest.raises(experiment.WorkdirError, match="has trained 10 steps"):
         experiment.run(dataclasses.replace(config, steps=5, resume=True))
-    assert _read_json(tmp_path / "results.json")["steps"] == 10
+    assert read_json(tmp_path / "results.json")["steps"] == 10
 
 
 def test_results_without_checkpoints_are_not_overwritten(tmp_path):
@@ -238,7 +241,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
     full_records = experiment.read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
     parts_records = experiment.read_metrics(str(parts / "metrics.jsonl"))
-    assert _untimed(parts_records) == _untimed(full_records)
+    assert untimed(parts_records) == untimed(full_records)
 
 
 def test_no_readable_checkpoint_names_the_folder_to_delete(tmp_path):
@@ -258,8 +261,11 @@ def test_a_stale_temporary_checkpoint_folder_is_cleaned(tmp_path):
     experiment.run(config)
     stale = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-123"
     stale.mkdir()
-    experiment.run(dataclasses.replace(config, stop_after=None, resume=True))
+    assert step_lib.is_tmp_checkpoint(stale)  # a save Orbax itself would not finish
+    results = experiment.run(dataclasses.replace(config, stop_after=None, resume=True))
     assert not stale.exists()
+    assert results["steps"] == config.steps
+    assert experiment.checkpoint_steps(str(tmp_path))[-1] == config.steps
 
 
 # --- signals, on a real process -------------------------------------------------------
@@ -279,7 +285,7 @@ def _signal_mid_run(workdir, signals, gap=0.05):
     """Starts a long run, sends ``signals`` once its first train line is written."""
     process = subprocess.Popen(
         [sys.executable, "-m", "experiments.mlp", *_LONG, f"--workdir={workdir}"],
-        cwd=_REPO,
+        cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -305,7 +311,7 @@ def _signal_mid_run(workdir, signals, gap=0.05):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full")
-    result = _cli(*_LONG, f"--workdir={workdir}")
+    result = cli(*_LONG, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr
     return workdir
 
@@ -338,11 +344,11 @@ def test_a_signal_saves_says_so_and_resumes_to_the_same_run(
     trains = [r["step"] for r in records if r["kind"] == "train"]
     assert trains == list(range(100, steps[-1] + 1, 100))
 
-    resumed = _cli(*_LONG, f"--workdir={workdir}", "--resume")
+    resumed = cli(*_LONG, f"--workdir={workdir}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert _untimed(
-        experiment.read_metrics(str(workdir / "metrics.jsonl"))
-    ) == _untimed(experiment.read_metrics(str(uninterrupted / "metrics.jsonl")))
+    assert untimed(experiment.read_metrics(str(workdir / "metrics.jsonl"))) == untimed(
+        experiment.read_metrics(str(uninterrupted / "metrics.jsonl"))
+    )
     full_params, _ = experiment.load_params(str(uninterrupted))
     resumed_params, _ = experiment.load_params(str(workdir))
     jax.tree.map(np.testing.assert_array_equal, full_params, resumed_params)

@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import flat
-from test_estimators import assert_mean_matches
-from zoo import NUM_CLASSES, ZOO, TwoBlockLocal, ce
+from helpers import assert_mean_matches, flat, local_updates, wt_expectation
+from zoo import NUM_CLASSES, ZOO, DropoutMLP, TwoBlockLocal, ce
 
 import guessgrad as gg
-from guessgrad._src import engine
+from guessgrad import experiment
 from guessgrad._src import sites as sites_lib
-from guessgrad._src.estimators import default_loss
+from guessgrad._src.losses import default_loss
 
 MODELS = list(ZOO)
 
@@ -53,24 +52,6 @@ def true_site_grads(model, params, batch, problem):
         lambda p: jnp.sum(per_example_objective(model, params, batch, p, loss_fn))
     )(zeros)
     return found, grads
-
-
-def local_updates(
-    model, params, batch, site_grads, *, loss_fn=None, trainable=None, rngs=None
-):
-    """The cut-VJP step of the estimators, fed the given per-site gradients."""
-    found = gg.structure(model, params, batch, loss_fn=loss_fn, trainable=trainable)
-    mask = sites_lib.leaf_mask(trainable, params)
-    return engine.local_parameter_grads(
-        model,
-        engine.Trainable(params, mask),
-        (batch["image"],),
-        batch,
-        loss_fn or default_loss,
-        rngs,
-        found,
-        {p: g for p, g in site_grads.items() if p in {s.path for s in found.active}},
-    )
 
 
 def random_tangents(zeros, seed=7):
@@ -142,6 +123,28 @@ def test_joint_derivative_equals_central_differences_in_float64(name):
             )
             assert joint.dtype == jnp.float64
             np.testing.assert_allclose(joint, finite, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_site_values_and_gradients_are_the_marked_values_and_reverse_mode(name):
+    model, params, batch, problem = setup(name)
+    found, grads = true_site_grads(model, params, batch, problem)
+    inputs = problem.get("inputs") or (lambda b: b["image"])
+    _, raw, taps = sites_lib.run(model, params, sites_lib.as_args(inputs(batch)))
+    values = gg.site_values(model, params, batch, inputs=problem.get("inputs"))
+    assert list(values) == [s.path for s in found.sites] + list(taps)
+    for path, value in {**raw, **taps}.items():
+        np.testing.assert_array_equal(values[path], value)
+    got = gg.site_gradients(
+        model,
+        params,
+        batch,
+        loss_fn=problem.get("loss_fn"),
+        inputs=problem.get("inputs"),
+    )
+    assert list(got) == [s.path for s in found.sites]
+    for path, g in grads.items():
+        np.testing.assert_allclose(got[path], g, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow
@@ -255,27 +258,7 @@ def test_unbiased_methods_average_to_jax_grad(name, method):
 def test_wt_matches_its_closed_form_expectation_on_the_residual_model():
     """E[g_l] = J_l^T J_l dl/ds_l per example, J_l the Jacobian from site l to its target."""
     model, params, batch, problem = setup("residual")
-    found, grads = true_site_grads(model, params, batch, problem)
-    _, zeros = zeros_at_sites(model, params, batch, problem)
-
-    def target_value(path, target):
-        def fn(t):
-            _, raw, _ = sites_lib.run(
-                model, params, (batch["image"],), perturbations={**zeros, path: t}
-            )
-            return raw[target]
-
-        return fn
-
-    expected_sites = {}
-    for s in found.sites:
-        if s.target is None:
-            expected_sites[s.path] = grads[s.path]  # eps at the terminal site: Cov = I
-            continue
-        fn = target_value(s.path, s.target)
-        pushed = jax.jvp(fn, (zeros[s.path],), (grads[s.path],))[1]  # J G per example
-        expected_sites[s.path] = jax.vjp(fn, zeros[s.path])[1](pushed)[0]  # J^T J G
-    expected = local_updates(model, params, batch, expected_sites)
+    expected = wt_expectation(model, params, batch, **problem)
     estimate = gg.get_estimator("wt", model, normalize=False, mode="per_layer")
     keys = jax.random.split(jax.random.key(5), 20_000)
     samples = jax.jit(jax.vmap(lambda k: flat(estimate(params, batch, k))))(keys)
@@ -285,7 +268,7 @@ def test_wt_matches_its_closed_form_expectation_on_the_residual_model():
 # --- every estimator, every model --------------------------------------------------
 
 
-OPTIONS = {"wperp": {"rank": 2}, "wperp_ns": {"power_iters": 1}}
+OPTIONS = {"wperp": {"rank": 2}, "wperp_ns": {"krylov_steps": 1}}
 
 
 @pytest.mark.slow
@@ -428,14 +411,6 @@ def test_sites_inside_remat_give_identical_estimates_and_scan_is_refused():
         gg.get_estimator("wt", scanned)(params, batch, jax.random.key(2))
 
 
-class DropoutMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = gg.site(self, "h", nn.Dense(16)(x), act=nn.relu)
-        h = nn.Dropout(0.5, deterministic=False)(h)
-        return gg.site(self, "logits", nn.Dense(NUM_CLASSES)(h))
-
-
 def test_dropout_takes_its_rng_from_the_key_and_is_the_same_in_every_pass():
     batch = {
         "image": jax.random.normal(jax.random.key(0), (4, 6)),
@@ -466,7 +441,12 @@ def test_dropout_takes_its_rng_from_the_key_and_is_the_same_in_every_pass():
         return jnp.sum(default_loss(out, batch))
 
     site_grads = jax.grad(objective)(zeros)
-    local = local_updates(model, params, batch, site_grads, rngs=rngs)
+    local = local_updates(model, params, batch, site_grads, key=key)
+    np.testing.assert_allclose(
+        flat(gg.site_gradients(model, params, batch, key=key)),
+        flat(site_grads),
+        rtol=1e-6,
+    )
     exact = gg.get_estimator("backprop", model)(params, batch, key)
     np.testing.assert_allclose(flat(local), flat(exact), rtol=1e-5, atol=1e-7)
 
@@ -491,9 +471,9 @@ def test_a_local_loss_model_trains_through_the_public_api():
     batch["label"] = jnp.argmax(batch["image"][:, :NUM_CLASSES], -1)
     params = model.init(jax.random.key(1), batch["image"])
     for method in ("wt", "activation_perturbation"):
-        optimizer = gg.make_optimizer("adamw", 1e-2)
+        optimizer = experiment.make_optimizer("adamw", 1e-2)
         step = gg.make_train_step(
-            gg.build_estimator(method, model, **problem), optimizer
+            gg.get_estimator(method, model, **problem, has_aux=True), optimizer
         )
         state = gg.init_train_state(params, optimizer, jax.random.key(2))
         state, first = step(state, batch)

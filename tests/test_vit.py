@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import flat
-from test_estimators import assert_mean_matches
+from helpers import assert_mean_matches, flat
 
 import guessgrad as gg
 from guessgrad._src import engine
-from guessgrad._src import guesses as rules
-from guessgrad._src.estimators import Problem
+from guessgrad._src import rules as rules_lib
+from guessgrad._src.problem import Problem
 from guessgrad.models import (
     VIT_CONFIGS,
     ViT,
@@ -311,8 +310,8 @@ def test_recomputed_forward_passes_give_the_linearised_estimate(rule):
     problem = Problem(model)
     variables, args, rngs, found, _ = problem.prepare(params, batch, None)
     paths = [s.path for s in found.active]
-    hidden = {"wt": rules.wt_hidden, "activation_perturbation": rules.gaussian_hidden}
-    guess_rule = rules.rule_from(hidden[rule])
+    hidden = {"wt": gg.rules.wt, "activation_perturbation": gg.rules.gaussian}
+    guess_rule = gg.rules.GuessRule(hidden[rule])
 
     def site_grads(recompute, mode):
         _, _, ctx = engine.linearize(
@@ -327,10 +326,12 @@ def test_recomputed_forward_passes_give_the_linearised_estimate(rule):
             recompute=recompute,
         )
         guesses = {
-            s.path: rules.site_guess(guess_rule, ctx, s.index, jax.random.key(5), True)
+            s.path: rules_lib.site_guess(
+                guess_rule, ctx, s.index, jax.random.key(5), True
+            )
             for s in found.active
         }
-        return engine.site_gradients(ctx, guesses, mode)
+        return engine.guessed_site_gradients(ctx, guesses, mode)
 
     for mode in ("joint", "per_layer"):
         stored, recomputed = site_grads(False, mode), site_grads(True, mode)
@@ -342,7 +343,7 @@ def test_recomputed_forward_passes_give_the_linearised_estimate(rule):
 @pytest.mark.parametrize("method", list(gg.ESTIMATORS))
 def test_every_estimator_runs_with_only_the_prompts_trainable(method):
     model, params, batch = micro()
-    options = {"wperp": {"rank": 2}, "wperp_ns": {"power_iters": 1}}.get(method, {})
+    options = {"wperp": {"rank": 2}, "wperp_ns": {"krylov_steps": 1}}.get(method, {})
     estimate = gg.get_estimator(method, model, trainable=prompt_mask, **options)
     assert_only_the_prompts_move(estimate(params, batch, jax.random.key(1)), params)
 

@@ -19,6 +19,14 @@ def ce(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+class DropoutMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = gg.site(self, "h", nn.Dense(16)(x), act=nn.relu)
+        h = nn.Dropout(0.5, deterministic=False)(h)
+        return gg.site(self, "logits", nn.Dense(NUM_CLASSES)(h))
+
+
 class ResidualMLP(nn.Module):
     """Dense in, two pre-norm residual blocks (LayerNorm, dense, ReLU, dense), dense out."""
 

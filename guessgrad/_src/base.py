@@ -14,11 +14,14 @@ Aux = dict[str, Array]
 
 
 class Estimator(Protocol):
-    """A gradient estimator that also returns what its forward pass measured."""
+    """A gradient estimator: ``(params, batch, key) -> grads``.
 
-    def __call__(
-        self, params: Params, batch: Batch, key: PRNGKey
-    ) -> tuple[Grads, Aux]: ...
+    ``grads`` has the tree structure, shapes and dtypes of ``params``. An
+    estimator built with ``has_aux=True`` returns ``(grads, metrics)`` and
+    says so in its ``has_aux`` attribute.
+    """
+
+    def __call__(self, params: Params, batch: Batch, key: PRNGKey) -> Any: ...
 
 
 EstimateFn = Callable[[Params, Batch, PRNGKey], Grads]

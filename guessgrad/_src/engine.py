@@ -6,7 +6,7 @@ linear map:
 
 * joint mode: the map applied to every site's guess at once gives the
   per-example (per-copy) loss derivatives, ``d_b = sum_l <dl_b/ds_l, y_{l,b}>``;
-* per-site mode: ``jax.jvp`` of the map with a tangent at site ``l`` only:
+* per-layer mode: ``jax.jvp`` of the map with a tangent at site ``l`` only:
   tangents upstream of ``l`` are symbolic zeros, so the work is triangular;
 * a rule's pull and push (W^T, downstream, W-perp) are the transpose and the
   restriction of "tangent at site l only -> tangent at its target".
@@ -29,9 +29,11 @@ import jax.numpy as jnp
 
 from guessgrad._src import sites as sites_lib
 from guessgrad._src.base import Array, Params
-from guessgrad._src.core import scale_examples
+from guessgrad._src.rules import scale_examples
 from guessgrad._src.sharding import explicit_spec, like
 from guessgrad._src.sites import SiteInfo, Structure
+
+MODES = ("joint", "per_layer")
 
 
 def _scale_copies(d: Array, y: Array) -> Array:
@@ -76,8 +78,8 @@ def site_estimate(
     return out
 
 
-class GraphContext:
-    """What a guess rule may read on a model with sites (the interface of ``GuessContext``).
+class SiteContext:
+    """The :class:`~guessgrad.rules.GuessContext` of a model with sites, from one linearisation.
 
     Targets are site or tap names. ``lin`` maps a dict of site perturbations
     (the guessed sites) to ``(loss tangents, value tangents)``.
@@ -209,7 +211,7 @@ def recomputes(mode: str, num_sites: int) -> bool:
     """Whether :func:`linearize` should recompute: the map is applied once.
 
     Joint mode, or a single site in any mode, applies the map once: a fresh
-    forward-mode pass keeps no activations. Per-site mode over several sites
+    forward-mode pass keeps no activations. Per-layer mode over several sites
     applies it once per site, where one stored linearisation is cheaper.
     """
     return mode == "joint" or num_sites == 1
@@ -276,11 +278,11 @@ def linearize(
             )[1]
             return (tangent, (losses, outputs)) if with_primal else tangent
 
-    ctx = GraphContext(structure, values, lin, zeros, needs_label, losses)
+    ctx = SiteContext(structure, values, lin, zeros, needs_label, losses)
     return losses, outputs, ctx
 
 
-def site_gradients(ctx: GraphContext, guesses: Mapping[str, Array], mode: str):
+def guessed_site_gradients(ctx: SiteContext, guesses: Mapping[str, Array], mode: str):
     """``({site: g_l}, (losses, outputs))``, ``g_{l,b} = d y_{l,b}``, from one set of guesses.
 
     The losses and model outputs come from the joint pass itself in joint
@@ -301,10 +303,10 @@ def site_gradients(ctx: GraphContext, guesses: Mapping[str, Array], mode: str):
     return out, primal
 
 
-def derivatives(ctx: GraphContext, tangents: Mapping[str, Array], mode: str):
+def derivatives(ctx: SiteContext, tangents: Mapping[str, Array], mode: str):
     """Per-example derivatives of the summed (copy-mean) losses along site tangents.
 
-    Joint: [B]; per-site: ``{site: [B]}``.
+    Joint: [B]; per-layer: ``{site: [B]}``.
     """
     shapes = ctx.structure.losses
 
@@ -390,3 +392,29 @@ def local_parameter_grads(
     }
     site_cotangents = {p: g / g.shape[0] for p, g in site_grads.items()}
     return trainable.full(vjp((loss_cotangents, site_cotangents))[0])
+
+
+def exact_site_gradients(
+    model, variables: Params, args: tuple, batch, loss_fn, rngs, structure: Structure
+) -> dict[str, Array]:
+    """``{site: dl_b/ds_{l,b}}`` per example, by reverse mode through the perturbations.
+
+    ``l_b`` is the example's objective: the sum over losses of each loss's
+    mean over its copies. Examples are independent (a model that mixes them,
+    such as BatchNorm on batch statistics, is refused earlier), so the
+    gradient of ``sum_b l_b`` at site ``l`` holds every example's own.
+    """
+    zeros = {
+        s.path: jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding)
+        for s in structure.sites
+    }
+
+    def total(perturbations):
+        outputs, _, _ = sites_lib.run(
+            model, variables, args, perturbations=perturbations, rngs=rngs
+        )
+        losses = sites_lib.normalize_losses(loss_fn(outputs, batch))
+        return sum(jnp.sum(v) / sites_lib.copies_of(v.shape) for v in losses.values())
+
+    grads = jax.grad(total)(zeros)
+    return {s.path: grads[s.path] for s in structure.sites}  # forward order

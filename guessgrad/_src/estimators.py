@@ -1,360 +1,142 @@
-"""Gradient estimators, built by name from a model and keyword-only options.
+"""Gradient estimators: one typed function per method, and the engine that runs guess rules.
 
-Every estimator is a pure function ``(params, batch, key) -> grads`` with the
-tree structure, shapes and dtypes of ``params``. :func:`build_estimator`
-returns the same function with a second output, the auxiliary metrics its
-forward pass computed anyway (the batch loss and accuracy).
+Every estimator is built from a model and keyword-only options and is a
+pure function ``(params, batch, key) -> grads`` with the tree structure,
+shapes and dtypes of ``params`` (``has_aux=True``: ``(grads, metrics)``,
+the loss and accuracy its forward pass computed anyway, as ``jax.grad``'s
+``has_aux``). Activation-space methods are a guess rule
+(:mod:`guessgrad.rules`) run by :func:`from_rule`; ``backprop``,
+``directional`` and ``oracle_angle`` work in weight space and take any
+Flax module.
 """
 
 from __future__ import annotations
 
-import collections
+import functools
 import inspect
-import re
 from collections.abc import Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from guessgrad._src import core, engine
-from guessgrad._src import guesses as rules
+from guessgrad._src import engine
+from guessgrad._src import lean as lean_lib
+from guessgrad._src import rules as rules_lib
 from guessgrad._src import sites as sites_lib
-from guessgrad._src.base import Array, Batch, EstimateFn, Estimator, Params, PRNGKey
-from guessgrad._src.models import Chain, chain_fns
-from guessgrad._src.sharding import (
-    abstract_sharding,
-    explicit_spec,
-    mesh_of,
-    on_mesh_of_arguments,
+from guessgrad._src import wperp as wperp_lib
+from guessgrad._src.base import Array, Batch, Estimator, Params, PRNGKey
+from guessgrad._src.problem import (
+    Problem,
+    check_positive_int,
+    exact_loss,
+    guess_keys,
+    model_rngs,
+    trainable_losses_reached,
 )
+from guessgrad._src.sharding import mesh_of, on_mesh_of_arguments
 
 DEFAULT_MODE = "per_layer"
+MODES = engine.MODES
+
+_PROBLEM_ARGS = """\
+      loss_fn: ``(outputs, batch) -> [B]`` per-example losses, or a dict of
+        named ones (local losses); the objective is the sum of their means
+        over the batch. A loss ``[B, ...]`` is summed per example over its
+        other axes unless declared as copies with :func:`guessgrad.copies`
+        (then counted as their mean). Default: softmax cross-entropy of the
+        outputs against integer ``batch["label"]``.
+      inputs: ``batch ->`` the model's call argument (a tuple for several).
+        Default: ``batch["image"]``.
+      trainable: a pytree of bools with the structure of ``params`` (or of
+        its ``"params"`` collection), or a callable from ``params`` to one
+        (as ``optax.masked`` takes). Frozen leaves get exact zeros and cost
+        no guess work. Collections other than ``"params"`` are constants.
+      has_aux: return ``(grads, metrics)`` instead of ``grads``: ``loss``
+        (the objective), ``loss/<name>`` per loss when there are several,
+        and ``accuracy`` with the default loss."""
+
+_GUESSING_ARGS = """\
+      num_guesses: K, the number of independent guesses averaged per step
+        (vmapped; the estimate is the mean of the K one-guess estimates at
+        the keys ``jax.random.split(key, K)``, or ``key`` itself for K = 1).
+      normalize: rescale each example's guess to norm ``sqrt(n_l)`` before
+        the directional derivative (zero guesses stay zero).
+      mode: ``"per_layer"`` (default): one directional derivative per site,
+        ``d_{l,b} = <dl_b/ds_l, y_{l,b}>``, exactly ``E[g_l] = Cov(y_l)
+        dl/ds_l``, triangular tangent work; ``"joint"``: every site
+        perturbed in one forward pass, ``d_b = sum_l <dl_b/ds_l,
+        y_{l,b}>``, the same expectation for independent zero-mean guesses
+        with more variance, one pass.
+      lean: joint mode on a :class:`~guessgrad.models.Chain` keeping no
+        per-layer activations (the forward is recomputed site by site);
+        the same estimate for the same key."""
+
+_RETURNS = """\
+    Returns:
+      An estimator ``(params, batch, key) -> grads`` (``(grads, metrics)``
+      with ``has_aux=True``), pure: the same key gives the same estimate,
+      under ``jax.jit`` and ``jax.vmap`` over keys. The model runs with
+      ``rngs=guessgrad.model_rngs(key)`` (dropout); arrays sharded on a mesh
+      work with or without a context mesh."""
 
 
-# Options every activation-space estimator takes, with their defaults.
-COMMON_OPTIONS = {
-    "num_guesses": 1,
-    "normalize": True,
-    "mode": DEFAULT_MODE,
-    "lean": False,
-}
-
-
-def _check_common(num_guesses: int, mode: str, lean: bool = False) -> None:
-    if (
-        not isinstance(num_guesses, int)
-        or isinstance(num_guesses, bool)
-        or num_guesses < 1
+def _documented(fn):
+    """Fills the shared ``{problem_args}``, ``{guessing_args}`` and ``{returns}`` of a docstring."""
+    doc = fn.__doc__
+    for name, text in (
+        ("{problem_args}", _PROBLEM_ARGS),
+        ("{guessing_args}", _GUESSING_ARGS),
+        ("{returns}", _RETURNS),
     ):
-        raise ValueError(
-            f"num_guesses must be a positive integer; got {num_guesses!r}."
-        )
-    if mode not in core.MODES:
-        raise ValueError(f"mode must be one of {core.MODES}; got {mode!r}.")
+        doc = doc.replace(name, text)
+    fn.__doc__ = doc
+    return fn
+
+
+def _check_guessing(num_guesses: int, mode: str, lean: bool, normalize: bool) -> None:
+    check_positive_int("num_guesses", num_guesses)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
     if lean and mode != "joint":
         raise ValueError(
             "lean=True needs mode='joint': per-layer derivatives carry one tangent per earlier "
             "site through every layer, as much memory as the activations lean mode avoids."
         )
+    for name, value in (("normalize", normalize), ("lean", lean)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False; got {value!r}.")
 
 
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+def _finish(estimate: Callable, has_aux: bool, name: str) -> Estimator:
+    """The public estimator: run on the arguments' mesh, metrics only when asked for."""
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"has_aux must be True or False; got {has_aux!r}.")
+    on_mesh = on_mesh_of_arguments(estimate)
+    if has_aux:
+        out = on_mesh
+    else:
+
+        def out(params: Params, batch: Batch, key: PRNGKey):
+            return on_mesh(params, batch, key)[0]
+
+    out = functools.wraps(estimate)(out) if out is not on_mesh else out
+    out.__name__ = f"estimate_{name}"
+    out.__qualname__ = out.__name__
+    out.has_aux = has_aux
+    return out
 
 
-def guess_keys(key: PRNGKey, num_guesses: int) -> PRNGKey:
-    """Keys of the individual guesses: ``key`` itself for one guess, else ``split(key, K)``.
-
-    So an estimate with K guesses is the mean of the K one-guess estimates at these keys.
-    """
-    return key[None] if num_guesses == 1 else jax.random.split(key, num_guesses)
-
-
-DROPOUT_SALT = 0x64726F70  # the model's "dropout" rng: fold_in(key, this)
-
-
-def model_rngs(key: PRNGKey) -> dict[str, PRNGKey]:
-    """The rngs an estimator called with ``key`` runs the model with: ``{"dropout": ...}``.
-
-    Every forward pass of one estimate uses them, so ``model.apply(params, x,
-    rngs=guessgrad.model_rngs(key))`` reproduces its dropout masks (for
-    ``jax.grad`` of the same objective, or to inspect them). The guesses draw
-    from ``key`` itself, independently of these.
-    """
-    return {"dropout": jax.random.fold_in(key, DROPOUT_SALT)}
-
-
-def default_loss(outputs: Array, batch: Batch) -> Array:
-    """Softmax cross-entropy of ``outputs`` against integer ``batch["label"]``: [B]."""
-    return core.per_example_loss(outputs, batch["label"])
-
-
-def default_inputs(batch: Batch) -> Array:
-    """``batch["image"]``."""
-    return batch["image"]
-
-
-class Problem:
-    """A model with its loss, inputs and trainable subset, as every estimator reads them.
-
-    ``prepare`` checks a call's arguments and returns what the estimators
-    need; the model's site structure is analysed once per input signature
-    (abstractly) and cached.
-    """
-
-    def __init__(
-        self, model, loss_fn=None, inputs=None, trainable=None, need_sites=True
-    ):
-        if not hasattr(model, "apply"):
-            raise TypeError(
-                f"Estimators need a Flax linen module with sites marked inside "
-                f"(guessgrad.site) or a guessgrad.mark_outputs(...) model; got "
-                f"{type(model).__name__}."
-            )
-        for name, fn in (("loss_fn", loss_fn), ("inputs", inputs)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable; got {fn!r}.")
-        if trainable is not None and not (
-            callable(trainable) or jax.tree.leaves(trainable)
-        ):
-            raise ValueError(
-                f"trainable must be a pytree of bools or a callable; got {trainable!r}."
-            )
-        self.model = model
-        self.default_loss = loss_fn is None
-        self.default_inputs = inputs is None
-        self.loss_fn = default_loss if loss_fn is None else loss_fn
-        self.inputs = default_inputs if inputs is None else inputs
-        self.trainable = trainable
-        self.need_sites = need_sites  # False: weight-space methods take any model
-
-    def check_batch(self, batch: Batch) -> None:
-        if self.default_loss:
-            core.validate_batch(batch)
-        elif self.default_inputs:
-            core.validate_batch(batch, need_label=False)
-
-    def losses(self, outputs, batch) -> dict[str, Array]:
-        return sites_lib.normalize_losses(self.loss_fn(outputs, batch))
-
-    def prepare(self, params: Params, batch: Batch, key, *, analyse: bool = True):
-        """``(variables, args, rngs, structure or None, Trainable)`` for one call."""
-        self.check_batch(batch)
-        variables = sites_lib.split_variables(params)
-        args = sites_lib.as_args(self.inputs(batch))
-        rngs = None if key is None else model_rngs(key)
-        mask = sites_lib.leaf_mask(self.trainable, variables)
-        self.check_input(variables, args, rngs)
-        structure = (
-            self.structure(variables, args, batch, rngs, mask) if analyse else None
-        )
-        return variables, args, rngs, structure, engine.Trainable(variables, mask)
-
-    def check_input(self, variables, args, rngs) -> None:
-        """Applies the model abstractly to ``args`` (cached per signature); raises what went wrong.
-
-        An input shape the parameters do not fit, or a variable collection the
-        model would update, is a ValueError saying so; any other error is
-        re-raised as it is, with a note naming the call.
-        """
-        signature = (
-            self.model,
-            _signature((variables, args)),
-            rngs is None,
-        )
-        if _CHECKED_INPUTS.get(signature):
-            return
-        shapes = jax.tree.map(jnp.shape, args)
-        where = (
-            f'batch["image"] of shape {shapes[0]}'
-            if self.default_inputs
-            else f"inputs(batch) of shapes {shapes}"
-        )
-        try:
-            jax.eval_shape(
-                lambda v, a: self.model.apply(v, *a, rngs=_abstract_rngs(rngs)),
-                _abstract(variables),
-                _abstract(args),
-            )
-        except flax.errors.ScopeParamShapeError as err:
-            raise ValueError(
-                f"The model with these params does not accept {where}: "
-                f"{_first_line(err)}"
-            ) from err
-        except flax.errors.ModifyScopeVariableError as err:
-            found = re.search(r'collection "([^"]+)"', str(err))
-            collection = repr(found.group(1)) if found else "a variable collection"
-            raise ValueError(
-                f"The model updates {collection} while it runs ({_first_line(err)}). "
-                f"Estimators run it with its variables fixed: "
-                f"collections other than 'params' are read-only constants (BatchNorm with "
-                f"use_running_average=True, any lookup table). A layer that mutates its "
-                f"state during training, such as BatchNorm(use_running_average=False), "
-                f"mixes the examples of a batch, which per-example derivatives cannot "
-                f"account for: use a per-example normalisation (nn.LayerNorm, "
-                f"nn.GroupNorm, nn.RMSNorm) or the running averages."
-            ) from err
-        except Exception as err:
-            err.add_note(
-                f"guessgrad: raised while applying {type(_unwrap(self.model)).__name__} "
-                f"to {where} with the given params (collections {sorted(variables)})."
-            )
-            raise
-        _CHECKED_INPUTS.put(signature, True)
-
-    def structure(self, variables, args, batch, rngs, mask) -> sites_lib.Structure:
-        """The model's :class:`~guessgrad.Structure`, analysed once per model, loss, inputs and signature.
-
-        The cache is shared by every estimator of the same model (equal linen
-        modules, the same ``loss_fn`` and ``inputs`` functions), so building
-        several estimators traces the model's structure once.
-        """
-        signature = (
-            self.model,
-            self.loss_fn,
-            self.inputs,
-            self.need_sites,
-            _signature((variables, args, batch)),
-            mask,
-            rngs is None,
-        )
-        found = _STRUCTURES.get(signature)
-        if found is None:
-            found = sites_lib.analyse(
-                self.model,
-                _abstract(variables),
-                _abstract(args),
-                self.loss_fn,
-                _abstract(batch),
-                _abstract_rngs(rngs),
-                mask,
-                self.need_sites,
-            )
-            _STRUCTURES.put(signature, found)
-        return found
-
-    def metrics(self, outputs, batch, losses: dict[str, Array]) -> dict[str, Array]:
-        out = {"loss": sum(jnp.mean(v) for v in losses.values())}
-        if len(losses) > 1:
-            out.update({f"loss/{k}": jnp.mean(v) for k, v in losses.items()})
-        if self.default_loss:
-            out["accuracy"] = core.accuracy(outputs, batch["label"])
-        return out
-
-
-class _Cache:
-    """A small least-recently-used map (analyses hold no arrays, only shapes and names).
-
-    Keys hold the model itself: equal linen modules (same class and fields)
-    share an entry, other models count by identity, and a key that cannot
-    be hashed is simply not cached.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self.entries: collections.OrderedDict = collections.OrderedDict()
-
-    def get(self, key):
-        try:
-            hash(key)
-        except TypeError:
-            return None
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        return None
-
-    def put(self, key, value) -> None:
-        try:
-            hash(key)
-        except TypeError:
-            return
-        self.entries[key] = value
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-
-_STRUCTURES = _Cache(128)
-_CHECKED_INPUTS = _Cache(512)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _unwrap(model):
-    return getattr(model, "model", model)  # a MarkedModel's wrapped module
-
-
-def _abstract(tree):
-    def one(x):
-        if _is_key(x):
-            return x
-        return jax.ShapeDtypeStruct(
-            jnp.shape(x),
-            jnp.result_type(x),
-            sharding=abstract_sharding(explicit_spec(x)),
-        )
-
-    return jax.tree.map(one, tree)
-
-
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _abstract_rngs(rngs):
-    # Random draws do not change shapes or dependencies: any fixed key serves the analysis.
-    return None if rngs is None else {k: jax.random.key(0) for k in rngs}
-
-
-def _signature(tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple(
-        (jnp.shape(x), str(jnp.result_type(x)), str(explicit_spec(x))) for x in leaves
-    )
-
-
-def activation_space(
-    model,
-    rule: rules.GuessRule,
-    *,
-    num_guesses: int = 1,
-    normalize: bool = True,
-    mode: str = DEFAULT_MODE,
-    lean: bool = False,
-    loss_fn=None,
-    inputs=None,
-    trainable=None,
-) -> Estimator:
-    """The forward-gradient recipe in activation space, for any guess rule and model.
-
-    For each guessed site ``l`` and example ``b``: guess ``y_{l,b}``
-    (optionally rescaled to norm ``sqrt(n_l)``), measure directional
-    derivatives by forward mode, set ``g_{l,b} = d y_{l,b}`` and map it to the
-    parameters by the site's own local VJP. ``num_guesses`` independent
-    estimates are averaged (vmapped). In expectation ``E[g_l] = Cov(y_l)
-    dl/ds_l`` (exactly in ``per_layer`` mode; in ``joint`` mode when guesses
-    of different sites are independent and zero-mean). Only sites that update
-    a trainable parameter are guessed.
-
-    ``lean=True`` (joint mode, :class:`~guessgrad.models.Chain` models, whose
-    sites declare their own maps) keeps no per-layer activations: one forward
-    pass computes primal and tangent together, then a second recomputes the
-    forward layer by layer and regenerates the same guesses from the same keys
-    to form the updates. Same estimate, memory nearly flat in depth, about one
-    extra forward pass of time.
-    """
-    _check_common(num_guesses, mode, lean)
-    problem = Problem(model, loss_fn, inputs, trainable)
-    if lean:
-        return _lean(problem, rule, num_guesses, normalize)
+def _guessed(
+    problem: Problem,
+    rule: rules_lib.GuessRule,
+    num_guesses: int,
+    normalize: bool,
+    mode: str,
+):
+    """``(params, batch, key) -> (grads, metrics)``: the forward-gradient recipe for ``rule``."""
+    model = problem.model
 
     def estimate(params: Params, batch: Batch, key: PRNGKey):
         variables, args, rngs, structure, train = problem.prepare(params, batch, key)
@@ -374,10 +156,10 @@ def activation_space(
 
         def one_estimate(guess_key):
             guesses = {
-                s.path: rules.site_guess(rule, ctx, s.index, guess_key, normalize)
+                s.path: rules_lib.site_guess(rule, ctx, s.index, guess_key, normalize)
                 for s in active
             }
-            return engine.site_gradients(ctx, guesses, mode)
+            return engine.guessed_site_gradients(ctx, guesses, mode)
 
         site_grads, (losses, outputs) = jax.vmap(one_estimate)(
             guess_keys(key, num_guesses)
@@ -392,131 +174,160 @@ def activation_space(
     return estimate
 
 
-def _lean(problem: Problem, rule, num_guesses: int, normalize: bool) -> Estimator:
-    model = problem.model
-    if not isinstance(model, Chain):
-        raise TypeError(
-            f"lean=True needs a model whose sites declare their own maps (a "
-            f"guessgrad.models.Chain, e.g. MLP): pass two recomputes the forward site by "
-            f"site. {type(model).__name__} marks its sites inline; use lean=False."
-        )
-    fns = chain_fns(model)
-    if rule.needs_label and not problem.default_loss:
-        raise ValueError(
-            "lean=True with a rule that reads the loss gradient (self_sharpening) needs the "
-            "default loss; use lean=False for another loss_fn."
-        )
+@_documented
+def from_rule(
+    model,
+    rule: rules_lib.GuessRule | rules_lib.GuessFn,
+    *,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    r"""The forward-gradient estimator of any guess rule, on any model with sites.
 
-    def estimate(params: Params, batch: Batch, key: PRNGKey):
-        variables, args, _, _, train = problem.prepare(
-            params, batch, key, analyse=False
-        )
-        layer_params = core.split_params(fns, variables)
-        x0, keys = fns.preprocess(*args), guess_keys(key, num_guesses)
-        if problem.default_loss:
-            labels, loss_of = batch["label"], None
-        else:
-            labels = None
+        For each guessed site ``l`` and example ``b``: guess ``y_{l,b}`` (the
+        rule), measure the directional derivative ``d_b`` of the example's loss
+        along it by forward mode, set ``g_{l,b} = d_b y_{l,b}`` and map it to
+        the parameters by the site's own local VJP (nothing flows back across
+        sites). Parameters after the last site before a loss (heads, readouts)
+        get their exact local gradient.
 
-            def loss_of(logits):
-                losses = problem.losses(logits, batch)
-                if len(losses) != 1 or jnp.ndim(next(iter(losses.values()))) != 1:
-                    raise ValueError(
-                        "lean=True needs one per-example loss [B] from loss_fn."
-                    )
-                return next(iter(losses.values()))
+        Expectation: ``E[g_l] = Cov(y_l) dl/ds_l`` (exactly in per-layer mode;
+        in joint mode when the guesses of different sites are independent and
+        zero-mean). Unbiased iff ``Cov(y_l) = I`` on the gradient's span.
 
-        derivatives, losses, logits = jax.vmap(
-            lambda k: core.lean_joint_derivative(
-                fns, rule, layer_params, x0, labels, k, normalize, loss_of
-            )
-        )(keys)
-        grads = core.lean_parameter_grads(
-            fns, rule, layer_params, x0, labels, keys, derivatives, normalize, loss_of
-        )
-        grads = core.join_params(fns, grads)
-        if train.mask is not None:
-            grads = train.full(
-                [g for g, m in zip(jax.tree.leaves(grads), train.mask) if m]
-            )
-        return grads, problem.metrics(logits[0], batch, {"loss": losses[0]})
+        Args:
+          model: a Flax linen module with sites marked inside
+            (:func:`guessgrad.site`) or a :func:`guessgrad.mark_outputs` model.
+          rule: a :class:`~guessgrad.rules.GuessRule`, or a bare guess function
+            ``(ctx, site, key) -> y`` (:class:`~guessgrad.rules.GuessContext`)
+            for sites with a target; terminal sites then get ``eps ~ N(0, I)``.
+    {guessing_args}
+    {problem_args}
 
-    return estimate
+    {returns}
 
-
-def _exact(problem: Problem, *, analyse: bool = False):
-    """``(params, batch, key) -> (loss_fn of the trainable part, Trainable[, Structure])``."""
-
-    def setup(params, batch, key):
-        _, args, rngs, structure, train = problem.prepare(
-            params, batch, key, analyse=analyse
-        )
-
-        def loss_fn(part):
-            outputs = problem.model.apply(train.rebuild(part), *args, rngs=rngs)
-            metrics = problem.metrics(outputs, batch, problem.losses(outputs, batch))
-            return metrics["loss"], metrics
-
-        return (loss_fn, train, structure) if analyse else (loss_fn, train)
-
-    return setup
+        References:
+          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+          Section 2, https://arxiv.org/abs/2312.04709.
+    """
+    rule = rules_lib.as_rule(rule)
+    _check_guessing(num_guesses, mode, lean, normalize)
+    problem = Problem(model, loss_fn, inputs, trainable)
+    if lean:
+        estimate = lean_lib.lean_estimator(problem, rule, num_guesses, normalize)
+    else:
+        estimate = _guessed(problem, rule, num_guesses, normalize, mode)
+    return _finish(estimate, has_aux, getattr(rule.guess, "__name__", "rule"))
 
 
-def losses_reached(structure: sites_lib.Structure) -> tuple[tuple[str, ...], ...]:
-    """Per parameter leaf, the losses it reaches: its sites' ``feeds``, or the loss it meets first."""
-    feeds = {s.path: s.feeds for s in structure.sites}
-    reached = []
-    for owners in structure.owners:
-        names: set[str] = set()
-        for owner in owners:
-            kind, name = owner.split(":", 1)
-            names.update(feeds[name] if kind == "site" else (name,))
-        reached.append(tuple(sorted(names)))
-    return tuple(reached)
+def _rule_estimator(
+    name,
+    model,
+    rule,
+    num_guesses,
+    normalize,
+    mode,
+    lean,
+    loss_fn,
+    inputs,
+    trainable,
+    has_aux,
+) -> Estimator:
+    estimator = from_rule(
+        model,
+        rule,
+        num_guesses=num_guesses,
+        normalize=normalize,
+        mode=mode,
+        lean=lean,
+        loss_fn=loss_fn,
+        inputs=inputs,
+        trainable=trainable,
+        has_aux=has_aux,
+    )
+    estimator.__name__ = estimator.__qualname__ = f"estimate_{name}"
+    return estimator
 
 
-def trainable_losses_reached(structure: sites_lib.Structure) -> list[tuple[str, ...]]:
-    """:func:`losses_reached` for the trainable leaves only, in their order."""
-    return [r for r, m in zip(losses_reached(structure), structure.trainable) if m]
+# --- weight space ---------------------------------------------------------------
 
 
-# --- the estimators (registry entries) -----------------------------------------
+@_documented
+def backprop(
+    model,
+    *,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    """The exact gradient, by ``jax.grad`` through the model: the oracle every method is measured against.
 
+        ``g = grad_theta L``, ``L = sum_k mean_b l_{k,b}`` over the losses ``k``
+        (local losses are cut from each other by the model's ``stop_gradient``).
 
-def backprop(model, *, loss_fn=None, inputs=None, trainable=None) -> Estimator:
-    """The oracle: the exact gradient of the sum of the mean losses, by ``jax.grad`` through Flax."""
-    setup = _exact(Problem(model, loss_fn, inputs, trainable))
+        Args:
+          model: any Flax linen module (sites, if marked, are inert).
+    {problem_args}
+
+    {returns}
+    """
+    setup = exact_loss(Problem(model, loss_fn, inputs, trainable))
 
     def estimate(params, batch, key):
         loss, train = setup(params, batch, key)
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(train.part)
         return train.full(grads), metrics
 
-    return estimate
+    return _finish(estimate, has_aux, "backprop")
 
 
+@_documented
 def directional(
     model,
     *,
     num_guesses: int = 1,
     normalize: bool = False,
-    loss_fn=None,
-    inputs=None,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
     trainable=None,
+    has_aux: bool = False,
 ) -> Estimator:
-    """Directional descent (weight perturbation): ``(grad L . v) v``, v ~ N(0, I) over the trainable parameters.
+    """Directional descent (weight perturbation, the forward gradient): ``g = (grad L . v) v``.
 
-    One v per guess, shared by the whole batch; unbiased. ``normalize`` rescales
-    v to norm ``sqrt(N)`` (uniform on the sphere: still unbiased). Frozen
-    parameters are not perturbed (their estimate is exactly zero). With
-    several losses (local losses) each parameter takes the derivative of only
-    the losses it reaches (found from the graph, as :func:`guessgrad.structure`
-    reports), ``sum_k (grad L_k . v) v``: still unbiased, without the other
-    blocks' derivatives as noise (Ren et al.'s LG-FG-W, block-wise).
+        ``v ~ N(0, I)`` over the trainable parameters, one per guess, shared by
+        the whole batch; ``grad L . v`` is one JVP. Unbiased: ``E[v v^T] = I``,
+        so ``E[g] = grad L``, with variance growing with the parameter count.
+        With several losses (local losses) each parameter takes the derivative
+        of only the losses it reaches (found from the graph, as
+        :func:`guessgrad.structure` reports), ``sum_k (grad L_k . v) v``: still
+        unbiased, without the other blocks' derivatives as noise (Ren et al.'s
+        LG-FG-W). Frozen parameters are not perturbed (exact zeros).
+
+        Args:
+          model: any Flax linen module.
+          num_guesses: K independent directions averaged per step.
+          normalize: rescale ``v`` to norm ``sqrt(N)`` (uniform on the sphere:
+            still unbiased).
+    {problem_args}
+
+    {returns}
+
+        References:
+          Baydin, Pearlmutter, Syme, Wood, Torr, Gradients without
+          Backpropagation (2022), Section 3, https://arxiv.org/abs/2202.08587.
+          Ren, Kornblith, Liao, Hinton, Scaling Forward Gradient With Local
+          Losses (2022), Section 3, https://arxiv.org/abs/2210.03310.
     """
-    _check_common(num_guesses, "joint")
+    _check_guessing(num_guesses, "joint", False, normalize)
     problem = Problem(model, loss_fn, inputs, trainable, need_sites=False)
-    setup = _exact(problem, analyse=True)
+    setup = exact_loss(problem, analyse=True)
 
     def estimate(params, batch, key):
         loss, train, structure = setup(params, batch, key)
@@ -547,143 +358,47 @@ def directional(
         grads = unravel(jnp.mean(estimates, axis=0))
         return train.full(grads), jax.tree.map(lambda m: m[0], metrics)
 
-    return estimate
-
-
-def activation_perturbation(model, *, mask: bool = False, **common) -> Estimator:
-    """Activity perturbation: y = eps ~ N(0, I) at every site. Unbiased.
-
-    ``mask=True``: y = D eps (eps, normalised when ``normalize``, through the
-    site's activation derivative: the ReLU mask), Ren et al.'s update: the
-    derivative is the same (the loss sees the site through its activation),
-    the estimate is zero where the unit is inactive; still unbiased, less
-    variance.
-    """
-    if not isinstance(mask, bool):
-        raise TypeError(f"mask must be True or False; got {mask!r}.")
-    rule = rules.rule_from(
-        rules.gaussian_hidden, last=rules.gaussian_last, lookahead=0, mask_after=mask
-    )
-    return activation_space(model, rule, **common)
-
-
-def wt(model, **common) -> Estimator:
-    """W^T: ``y_l = D_l W_{l+1}^T eps``, eps ~ N(0, I) at ``s_{l+1}``. Cov = D W^T W D (biased)."""
-    return activation_space(model, rules.rule_from(rules.wt_hidden), **common)
-
-
-def downstream(model, *, depth: int = 1, **common) -> Estimator:
-    """eps at ``x_{l+1+depth}`` pulled back to ``s_l`` by the VJP of the layers between. Biased."""
-    _check_positive_int("depth", depth)
-    rule = rules.rule_from(rules.downstream_hidden(depth), lookahead=depth)
-    return activation_space(model, rule, **common)
-
-
-def mixing(model, **common) -> Estimator:
-    """Activation mixing: ``y_{l,b} = D_{l,b} sum_j alpha_{bj} x_{l+1,j}``. Cov = activations' (biased)."""
-    return activation_space(
-        model, rules.rule_from(rules.mixing_hidden, lookahead=0), **common
-    )
-
-
-def wperp(model, *, rank: int = 10, **common) -> Estimator:
-    """W-perp: y = V_k z in the top-``rank`` right singular subspace of ``W_{l+1} D_l`` (exact SVD)."""
-    _check_positive_int("rank", rank)
-    return activation_space(model, rules.rule_from(rules.wperp_hidden(rank)), **common)
-
-
-def wperp_ns(
-    model,
-    *,
-    rank: int = 10,
-    variant: str = "krylov",
-    power_iters: int | None = None,
-    block_size: int | None = None,
-    ns_steps: int = 5,
-    cutoff: float = 1.0,
-    **common,
-) -> Estimator:
-    """W-perp without an SVD: guesses in the top right singular subspace of ``J = W_{l+1} D_l``.
-
-    ``variant="krylov"`` (default): per example, a block Krylov space of
-    ``J^T J`` (``block_size`` vectors, default 2; ``power_iters`` steps,
-    default enough for ``max(3 rank, 16)`` dimensions: 14 at rank 10, 7 at
-    ranks up to 5) and Rayleigh-Ritz give the top-``rank`` subspace ``V_k``;
-    ``y = V_k z``, isotropic over it like exact W-perp (covariance a rank-k
-    projector), at ``block_size * (2 power_iters + 2)`` W^T-sized products
-    (60 at rank 10, 32 at ranks up to 5). ``variant="vector"``: ``y = p(J^T J)
-    J^T eps``, a degree-``power_iters`` (default 6) Chebyshev filter whose
-    band edge adapts to each example (``cutoff`` in [0, 1]; 0 = power
-    filter), ``1 + 2 * power_iters`` products; it piles the guess onto the
-    very top directions (not W-perp's covariance; ``rank`` unused).
-    ``variant="block"``: ``rank`` vectors by subspace iteration
-    (``power_iters``, default 2) with ``ns_steps`` Newton-Schulz steps.
-    """
-    _check_positive_int("rank", rank)
-    if power_iters is not None and (
-        not isinstance(power_iters, int) or power_iters < 0
-    ):
-        raise ValueError(
-            f"power_iters must be a non-negative integer or None; got {power_iters!r}."
-        )
-    if block_size is not None:
-        _check_positive_int("block_size", block_size)
-    _check_positive_int("ns_steps", ns_steps)
-    hidden = rules.wperp_ns_hidden(
-        rank,
-        power_iters,
-        ns_steps,
-        variant=variant,
-        cutoff=cutoff,
-        block_size=block_size,
-    )
-    rule = rules.rule_from(hidden)
-    return activation_space(model, rule, **common)
-
-
-def self_sharpening(model, **common) -> Estimator:
-    """1-layer downstream with eps ~ U(-1, 1); the last layer's guess is the true error.
-
-    The one method whose guess reads the label (at the logits only). Pairs with
-    StableAdamW.
-    """
-    rule = rules.rule_from(
-        rules.downstream_hidden(1, noise="uniform"),
-        last=rules.true_error_last,
-        needs_label=True,
-    )
-    return activation_space(model, rule, **common)
+    return _finish(estimate, has_aux, "directional")
 
 
 ORACLE_SCALES = ("gradient", "directional")
 
 
+@_documented
 def oracle_angle(
     model,
     *,
     cosine: float = 0.03,
     scale: str = "gradient",
-    loss_fn=None,
-    inputs=None,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
     trainable=None,
+    has_aux: bool = False,
 ) -> Estimator:
-    """Oracle control: a guess at a fixed angle to the true gradient (uses ``jax.grad``).
+    """Oracle control: a guess at a fixed angle to the true gradient (reads ``jax.grad``).
 
-    ``g_theta = cos(theta) g + sin(theta) g_perp`` with ``cos(theta) = cosine`` and
-    g_perp a random direction orthogonal to the gradient g with ``|g_perp| = |g|``:
-    the estimate has exactly the given cosine with g and no bias in direction.
+        ``g_theta = cos(theta) g + sin(theta) g_perp`` with ``cos(theta) =
+        cosine`` and ``g_perp`` a random direction orthogonal to the gradient
+        ``g`` with ``|g_perp| = |g|``: exactly the given cosine with ``g`` and
+        no bias in direction. With several losses the angle is set per stage
+        (the parameters that reach the same losses get their own ``g_perp``), so
+        each stage's estimate has the given cosine with its own gradient.
 
-    ``scale="gradient"`` (default): the estimate is ``g_theta``, the
-    gradient's norm (``E = cosine * g``). ``scale="directional"``: the
-    paper's modified directional step ``(g . u) u`` along the unit guess
-    ``u = g_theta / |g|``, i.e. ``cosine * g_theta`` (``E = cosine^2 g``): what
-    a directional derivative along a guess at that angle gives, the step
-    Figure 3 (right) of Singhal et al. trains with; for SGD and momentum a
-    learning rate ``1 / cosine`` times the other's. With several losses
-    (local losses) the angle is set per stage: the parameters that reach the
-    same losses (as :func:`guessgrad.structure` reports) get their own
-    ``g_perp``, so each stage's estimate has the given cosine with that
-    stage's gradient, and the whole estimate has it with the whole gradient.
+        Args:
+          model: any Flax linen module.
+          cosine: ``cos(theta)``, in [-1, 1].
+          scale: ``"gradient"``: the estimate is ``g_theta`` (``E = cosine *
+            g``); ``"directional"``: the modified directional step ``(g . u) u``
+            along the unit guess ``u = g_theta / |g|``, i.e. ``cosine * g_theta``
+            (``E = cosine^2 g``), what a directional derivative along a guess at
+            that angle gives (the paper's Figure 3, right).
+    {problem_args}
+
+    {returns}
+
+        References:
+          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+          Section 3 and Figure 3, https://arxiv.org/abs/2312.04709.
     """
     if not -1.0 <= float(cosine) <= 1.0:
         raise ValueError(f"cosine must lie in [-1, 1]; got {cosine!r}.")
@@ -691,7 +406,7 @@ def oracle_angle(
         raise ValueError(
             f"scale must be one of {', '.join(ORACLE_SCALES)}; got {scale!r}."
         )
-    setup = _exact(
+    setup = exact_loss(
         Problem(model, loss_fn, inputs, trainable, need_sites=False), analyse=True
     )
 
@@ -714,7 +429,390 @@ def oracle_angle(
             guess = cosine * guess
         return train.full(unravel(guess)), metrics
 
-    return estimate
+    return _finish(estimate, has_aux, "oracle_angle")
+
+
+# --- activation space -------------------------------------------------------------
+
+
+@_documented
+def activation_perturbation(
+    model,
+    *,
+    mask: bool = False,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    """Activity perturbation: ``y_{l,b} = eps ~ N(0, I)`` at every site.
+
+        Unbiased: ``Cov(y) = I``, so ``E[g_l] = dl/ds_l`` (normalised, ``Cov =
+        I`` still, by symmetry). ``mask=True``: ``y = D_l eps``, the guess
+        through the site's activation derivative (the ReLU mask) after any
+        normalisation, Ren et al.'s update: the derivative is the same (the
+        loss sees the site through its activation), the estimate is zero where
+        the unit is inactive; still unbiased, less variance.
+
+        Args:
+          model: a Flax linen module with sites (:func:`guessgrad.site`).
+          mask: multiply each guess by ``D_l`` (``sigma'(s_l)``).
+    {guessing_args}
+    {problem_args}
+
+    {returns}
+
+        References:
+          Ren, Kornblith, Liao, Hinton, Scaling Forward Gradient With Local
+          Losses (2022), Section 3 (activity perturbation),
+          https://arxiv.org/abs/2210.03310.
+    """
+    if not isinstance(mask, bool):
+        raise TypeError(f"mask must be True or False; got {mask!r}.")
+    rule = rules_lib.GuessRule(rules_lib.gaussian, lookahead=0, mask_after=mask)
+    return _rule_estimator(
+        "activation_perturbation",
+        model,
+        rule,
+        num_guesses,
+        normalize,
+        mode,
+        lean,
+        loss_fn,
+        inputs,
+        trainable,
+        has_aux,
+    )
+
+
+@_documented
+def wt(
+    model,
+    *,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    """W^T: ``y_{l,b} = D_{l,b} W_{l+1}^T eps``, ``eps ~ N(0, I)`` at the next site.
+
+        For any layer between a site and its target, ``W_{l+1}^T eps`` is the
+        VJP of the map from ``s_l`` to the target. ``Cov(y) = D W^T W D``, so
+        ``E[g_l] = D_l W_{l+1}^T W_{l+1} D_l dl/ds_l``: biased towards the top
+        singular directions of ``W_{l+1} D_l``, where the gradient
+        ``D_l W_{l+1}^T dl/ds_{l+1}`` lives. Terminal sites: ``eps``.
+
+        Args:
+          model: a Flax linen module with sites (:func:`guessgrad.site`).
+    {guessing_args}
+    {problem_args}
+
+    {returns}
+
+        References:
+          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+          Section 2.1, https://arxiv.org/abs/2312.04709.
+    """
+    return _rule_estimator(
+        "wt",
+        model,
+        rules_lib.GuessRule(rules_lib.wt),
+        num_guesses,
+        normalize,
+        mode,
+        lean,
+        loss_fn,
+        inputs,
+        trainable,
+        has_aux,
+    )
+
+
+@_documented
+def downstream(
+    model,
+    *,
+    depth: int = 1,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    """``depth`` layers downstream: ``eps`` at ``x_{l+1+depth}``, pulled back to ``s_l``.
+
+        ``y_{l,b} = J_{l->l+depth}^T eps`` by the VJP of the layers between
+        (the last target if past the end); ``depth=1``: ``D_l W_{l+1}^T
+        D_{l+1} eps``. ``Cov(y) = J^T J``: biased, more so with depth.
+
+        Args:
+          model: a Flax linen module with sites (:func:`guessgrad.site`).
+          depth: how many ``next`` links downstream ``eps`` is drawn (>= 1).
+    {guessing_args}
+    {problem_args}
+
+    {returns}
+
+        References:
+          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+          Section 2.1, https://arxiv.org/abs/2312.04709.
+    """
+    check_positive_int("depth", depth)
+    rule = rules_lib.GuessRule(rules_lib.downstream(depth), lookahead=depth)
+    return _rule_estimator(
+        "downstream",
+        model,
+        rule,
+        num_guesses,
+        normalize,
+        mode,
+        lean,
+        loss_fn,
+        inputs,
+        trainable,
+        has_aux,
+    )
+
+
+@_documented
+def mixing(
+    model,
+    *,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    """Activation mixing: ``y_{l,b} = D_{l,b} sum_j alpha_{bj} x_{l+1,j}``, ``alpha ~ N(0, 1)^{B x B}``.
+
+        A random combination of the batch's activations after site ``l``
+        (fresh ``alpha`` per site), masked by the example's ``D_l``. ``Cov(y) =
+        D (sum_j x_j x_j^T) D``, the activations' second moment: biased towards
+        the subspace the activations span, which the gradients share.
+
+        Args:
+          model: a Flax linen module with sites (:func:`guessgrad.site`).
+    {guessing_args}
+    {problem_args}
+
+    {returns}
+
+        References:
+          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+          Section 2.2, https://arxiv.org/abs/2312.04709.
+    """
+    rule = rules_lib.GuessRule(rules_lib.mixing, lookahead=0)
+    return _rule_estimator(
+        "mixing",
+        model,
+        rule,
+        num_guesses,
+        normalize,
+        mode,
+        lean,
+        loss_fn,
+        inputs,
+        trainable,
+        has_aux,
+    )
+
+
+@_documented
+def wperp(
+    model,
+    *,
+    rank: int = 10,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    """W-perp: ``y_{l,b} = V_k z``, ``V_k`` the top-``rank`` right singular vectors of ``J_b = W_{l+1} D_{l,b}``.
+
+        ``z ~ N(0, I_k)``, ``J_b`` the per-example Jacobian of the map to the
+        next site, by an exact SVD (float32 or float64 sites). ``Cov(y) = V_k
+        V_k^T``, a rank-k projector: the bias is ``-(I - P_k) dl/ds_l`` only
+        (directions with zero singular value get no weight).
+
+        Args:
+          model: a Flax linen module with sites (:func:`guessgrad.site`).
+          rank: k, the subspace's dimension.
+    {guessing_args}
+    {problem_args}
+
+    {returns}
+
+        References:
+          Wang, Markou, Campbell, Towards Scalable Backpropagation-Free Gradient
+          Estimation (2025), https://arxiv.org/abs/2511.03110.
+    """
+    check_positive_int("rank", rank)
+    return _rule_estimator(
+        "wperp",
+        model,
+        rules_lib.GuessRule(wperp_lib.wperp(rank)),
+        num_guesses,
+        normalize,
+        mode,
+        lean,
+        loss_fn,
+        inputs,
+        trainable,
+        has_aux,
+    )
+
+
+@_documented
+def wperp_ns(
+    model,
+    *,
+    rank: int = 10,
+    variant: str = "krylov",
+    krylov_steps: int | None = None,
+    block_size: int = wperp_lib.KRYLOV_BLOCK,
+    degree: int = wperp_lib.FILTER_DEGREE,
+    cutoff: float = 1.0,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    """W-perp without an SVD: guesses in the top right singular subspace of ``J_b = W_{l+1} D_{l,b}``.
+
+        Products with ``J_b`` and ``J_b^T`` only (JVPs and VJPs of the next map).
+
+        * ``variant="krylov"`` (default, faithful): per example, a block Krylov
+          space ``[Y, A Y, ..., A^d Y]`` of ``A = J_b^T J_b``, ``Y = J_b^T
+          Omega`` (``block_size`` Gaussian columns, ``d = krylov_steps``), and
+          Rayleigh-Ritz give ``V_k``; ``y = V_k z``, ``z ~ N(0, I_k)``:
+          covariance a rank-k projector, as exact W-perp's. Cost ``block_size
+          * (2 d + 2)`` products the size of ``W^T eps`` (60 at rank 10).
+        * ``variant="vector"`` (cheaper, not W-perp's covariance): ``y =
+          p(J_b^T J_b) J_b^T eps``, ``p`` a degree-``degree`` Chebyshev filter
+          whose band edge adapts to each example; piles the guess onto the very
+          top directions. ``1 + 2 degree`` products; ``rank`` unused.
+
+        Args:
+          model: a Flax linen module with sites (:func:`guessgrad.site`).
+          rank: k, the subspace's dimension (Krylov).
+          variant: ``"krylov"`` or ``"vector"``.
+          krylov_steps: d, the Krylov space's steps. Default: enough for
+            ``max(3 rank, 16)`` dimensions (14 at rank 10, 7 at ranks up to 5),
+            where the mean direction's cosine with exact W-perp's exceeds 0.999.
+          block_size: Gaussian start vectors of the Krylov space.
+          degree: the vector variant's filter degree.
+          cutoff: the vector variant's band edge as a fraction of the largest
+            eigenvalue seen, in [0, 1] (0: the power filter ``A^degree``).
+    {guessing_args}
+    {problem_args}
+
+    {returns}
+
+        References:
+          Wang, Markou, Campbell, Towards Scalable Backpropagation-Free Gradient
+          Estimation (2025), https://arxiv.org/abs/2511.03110 (W-perp-NS).
+    """
+    check_positive_int("rank", rank)
+    if krylov_steps is not None:
+        check_positive_int("krylov_steps", krylov_steps)
+    check_positive_int("block_size", block_size)
+    check_positive_int("degree", degree)
+    guess = wperp_lib.wperp_ns(
+        rank,
+        variant=variant,
+        krylov_steps=krylov_steps,
+        block_size=block_size,
+        degree=degree,
+        cutoff=cutoff,
+    )
+    return _rule_estimator(
+        "wperp_ns",
+        model,
+        rules_lib.GuessRule(guess),
+        num_guesses,
+        normalize,
+        mode,
+        lean,
+        loss_fn,
+        inputs,
+        trainable,
+        has_aux,
+    )
+
+
+@_documented
+def self_sharpening(
+    model,
+    *,
+    num_guesses: int = 1,
+    normalize: bool = True,
+    mode: str = DEFAULT_MODE,
+    lean: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+) -> Estimator:
+    """1-layer downstream with ``eps ~ U(-1, 1)``; the terminal sites' guess is the true error.
+
+        ``y_{l,b} = D_l W_{l+1}^T D_{l+1} eps`` at hidden sites and ``dl_b/ds_L``
+        (``softmax - onehot`` at the logits) at terminal ones: the one method
+        whose guess reads the label. Biased (``Cov = J^T J / 3``); trained with
+        plain Adam its weights' effective rank collapses and the guesses sharpen
+        (pairs with :func:`guessgrad.stable_adamw`).
+
+        Args:
+          model: a Flax linen module with sites (:func:`guessgrad.site`).
+    {guessing_args}
+    {problem_args}
+
+    {returns}
+
+        References:
+          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+          Section 3 (self-sharpening), https://arxiv.org/abs/2312.04709.
+    """
+    rule = rules_lib.GuessRule(
+        rules_lib.downstream(1, noise="uniform"),
+        terminal=rules_lib.true_error,
+        needs_label=True,
+    )
+    return _rule_estimator(
+        "self_sharpening",
+        model,
+        rule,
+        num_guesses,
+        normalize,
+        mode,
+        lean,
+        loss_fn,
+        inputs,
+        trainable,
+        has_aux,
+    )
 
 
 def _perpendicular(g: Array, r: Array) -> Array:
@@ -748,27 +846,24 @@ ESTIMATORS: dict[str, Callable[..., Estimator]] = {
     "self_sharpening": self_sharpening,
     "oracle_angle": oracle_angle,
 }
+"""The estimators by name (the command line's ``--method``): each a function of this module."""
 
-
-# Arguments every estimator takes that describe the problem, not the method.
-PROBLEM_OPTIONS = ("loss_fn", "inputs", "trainable")
+# Arguments every estimator takes that describe the problem or the call, not the method.
+PROBLEM_OPTIONS = ("loss_fn", "inputs", "trainable", "has_aux")
 
 
 def estimator_options(name: str) -> dict[str, object]:
     """The method's keyword options of estimator ``name`` and their defaults.
 
-    The problem's arguments (``loss_fn``, ``inputs``, ``trainable``), which
-    every estimator takes, are not listed.
+    The arguments every estimator takes (``loss_fn``, ``inputs``,
+    ``trainable``, ``has_aux``) are not listed.
     """
     parameters = inspect.signature(_lookup(name)).parameters.values()
-    options = {
+    return {
         p.name: p.default
         for p in parameters
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in PROBLEM_OPTIONS
     }
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        options.update(COMMON_OPTIONS)  # activation-space methods pass these on
-    return options
 
 
 def _lookup(name: str) -> Callable[..., Estimator]:
@@ -779,37 +874,22 @@ def _lookup(name: str) -> Callable[..., Estimator]:
     return ESTIMATORS[name]
 
 
-def build_estimator(
-    name: str, model, *, loss_fn=None, inputs=None, trainable=None, **options
+def get_estimator(
+    name: str,
+    model,
+    *,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    has_aux: bool = False,
+    **options,
 ) -> Estimator:
-    """Estimator ``name`` for ``model``: ``(params, batch, key) -> (grads, metrics)``.
+    """Estimator ``name`` for ``model``: ``ESTIMATORS[name](model, **options)``, checked.
 
-    Args:
-      name: a key of :data:`ESTIMATORS`.
-      model: a Flax linen module with sites marked inside (:func:`guessgrad.site`),
-        a :func:`guessgrad.mark_outputs` model, or a :class:`guessgrad.models.Chain`
-        (``backprop``, ``directional`` and ``oracle_angle`` take any module).
-      loss_fn: ``(outputs, batch) -> [B]`` per-example losses, or a dict of
-        named ones (local losses); the objective is the sum of their means
-        over the batch. A loss ``[B, ...]`` is summed per example over its
-        other axes, unless declared as copies with :func:`guessgrad.copies`
-        (then counted as their mean). Default: softmax cross-entropy of the
-        outputs against integer ``batch["label"]``.
-      inputs: ``batch -> `` the model's call argument (a tuple for several).
-        Default: ``batch["image"]``.
-      trainable: a pytree of bools with the structure of ``params`` (or of
-        ``{"params": ...}`` alone), or a callable from ``params`` to one (as
-        ``optax.masked`` takes). Frozen leaves get exact zeros; sites that
-        update no trainable leaf are not guessed. Collections other than
-        ``"params"`` (BatchNorm's running averages) are constants: never
-        trainable, zero estimates.
-
-    The model runs with ``rngs=guessgrad.model_rngs(key)`` (dropout). Arrays
-    sharded on a mesh work with or without a context mesh.
-      **options: the method's options (:func:`estimator_options`).
-
-    Metrics: ``loss`` (the objective), ``loss/<name>`` per loss when there are
-    several, and ``accuracy`` with the default loss.
+    For code that chooses the method by name (a command line, a sweep).
+    Unknown names or options raise a ValueError listing the valid ones
+    (:func:`estimator_options`). Arguments and result as the estimator's
+    own function, e.g. :func:`guessgrad.estimators.wt`.
     """
     factory = _lookup(name)
     valid = estimator_options(name)
@@ -819,32 +899,32 @@ def build_estimator(
         raise ValueError(
             f"Unknown option(s) {unknown} for estimator {name!r}; valid options: {listing}."
         )
-    estimator = factory(
-        model, loss_fn=loss_fn, inputs=inputs, trainable=trainable, **options
+    return factory(
+        model,
+        loss_fn=loss_fn,
+        inputs=inputs,
+        trainable=trainable,
+        has_aux=has_aux,
+        **options,
     )
-    return on_mesh_of_arguments(estimator)
 
 
-def get_estimator(
+def build_estimator(
     name: str, model, *, loss_fn=None, inputs=None, trainable=None, **options
-) -> EstimateFn:
-    """Estimator ``name`` for ``model`` as a pure function ``(params, batch, key) -> grads``.
-
-    Arguments as :func:`build_estimator`. ``grads`` has exactly the tree
-    structure, shapes and dtypes of ``params``. Works under ``jax.jit`` and
-    ``jax.vmap`` over keys; the same key gives the same result. Unknown names
-    or options raise a ValueError listing the valid choices.
-    """
-    estimator = build_estimator(
-        name, model, loss_fn=loss_fn, inputs=inputs, trainable=trainable, **options
+) -> Estimator:
+    """``get_estimator(..., has_aux=True)``: kept for one release; use ``has_aux=True``."""
+    return get_estimator(
+        name,
+        model,
+        loss_fn=loss_fn,
+        inputs=inputs,
+        trainable=trainable,
+        has_aux=True,
+        **options,
     )
 
-    def estimate(params: Params, batch: Batch, key: PRNGKey):
-        return estimator(params, batch, key)[0]
 
-    estimate.__name__ = f"estimate_{name}"
-    estimate.__doc__ = ESTIMATORS[name].__doc__
-    return estimate
+# --- what the engine sees of a model ----------------------------------------------
 
 
 def structure(
@@ -867,6 +947,55 @@ def print_structure(
 
 
 @on_mesh_of_arguments
+def site_values(
+    model,
+    params: Params,
+    batch: Batch,
+    *,
+    inputs: Callable | None = None,
+    key: PRNGKey | None = None,
+) -> dict[str, Array]:
+    """``{site: s_l}``: every site's value ([B, ...], before its activation), in forward order.
+
+    Taps (:func:`guessgrad.tap`) are included under their names. ``key``:
+    the estimator's key, to see the values under its dropout masks
+    (:func:`guessgrad.model_rngs`); None runs the model deterministically.
+    """
+    problem = Problem(model, None, inputs, need_sites=False)
+    variables = sites_lib.split_variables(params)
+    args = sites_lib.as_args(problem.inputs(batch))
+    rngs = None if key is None else model_rngs(key)
+    problem.check_input(variables, args, rngs)
+    _, raw, taps = sites_lib.run(model, variables, args, rngs=rngs)
+    return {**raw, **taps}
+
+
+@on_mesh_of_arguments
+def site_gradients(
+    model,
+    params: Params,
+    batch: Batch,
+    *,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    key: PRNGKey | None = None,
+) -> dict[str, Array]:
+    """``{site: dl_b/ds_{l,b}}``: the exact per-example gradient at every site (reverse mode).
+
+    What every guess is measured against: ``l_b`` is the example's
+    objective (the sum over losses of each loss's mean over its copies), and
+    the parameter gradient of the batch loss is each site's local VJP of
+    these over ``B``. Arguments as the estimators'; ``key`` as in
+    :func:`site_values`.
+    """
+    problem = Problem(model, loss_fn, inputs)
+    variables, args, rngs, found, _ = problem.prepare(params, batch, key)
+    return engine.exact_site_gradients(
+        model, variables, args, batch, problem.loss_fn, rngs, found
+    )
+
+
+@on_mesh_of_arguments
 def directional_derivatives(
     model,
     params: Params,
@@ -885,7 +1014,7 @@ def directional_derivatives(
     mode, or the stacked ``d_{l,b}`` ([L, B]) in ``per_layer`` mode, where
     ``l_b`` is the sum over losses of each loss's mean over its copies.
     """
-    _check_common(1, mode)
+    _check_guessing(1, mode, False, False)
     problem = Problem(model, loss_fn, inputs)
     variables, args, rngs, found, _ = problem.prepare(params, batch, None)
     paths = [s.path for s in found.sites]
@@ -911,3 +1040,77 @@ def directional_derivatives(
     )
     out = engine.derivatives(ctx, tangents, mode)
     return out if mode == "joint" else jnp.stack([out[p] for p in tangents])
+
+
+def guess_context(
+    model,
+    params: Params,
+    batch: Batch,
+    *,
+    needs_label: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+    key: PRNGKey | None = None,
+) -> rules_lib.GuessContext:
+    """The :class:`~guessgrad.rules.GuessContext` a rule reads on this batch.
+
+    The engine's context for the sites that update a trainable parameter,
+    from one linearisation of the forward pass: call a rule on it
+    (``rule(ctx, site, key)``) or use its maps (``ctx.next_maps(site)``,
+    ``ctx.next_jacobian(site)``) to study a guess. ``needs_label`` lets
+    ``ctx.loss_gradient`` read the loss; ``key`` as in :func:`site_values`.
+    Call it under the mesh of sharded arguments (``jax.set_mesh``) or with
+    unsharded ones.
+    """
+    problem = Problem(model, loss_fn, inputs, trainable)
+    variables, args, rngs, found, _ = problem.prepare(params, batch, key)
+    _, _, ctx = engine.linearize(
+        model,
+        variables,
+        args,
+        batch,
+        problem.loss_fn,
+        rngs,
+        found,
+        [s.path for s in found.active],
+        needs_label,
+    )
+    return ctx
+
+
+@on_mesh_of_arguments
+def site_guesses(
+    rule: rules_lib.GuessRule | rules_lib.GuessFn,
+    model,
+    params: Params,
+    batch: Batch,
+    key: PRNGKey,
+    *,
+    normalize: bool = False,
+    loss_fn: Callable | None = None,
+    inputs: Callable | None = None,
+    trainable=None,
+) -> dict[str, Array]:
+    """``{site: y_l}``: the guesses ``rule`` makes at ``key`` on this batch (one guess).
+
+    Exactly the guesses an estimator built by :func:`from_rule` with the
+    same options draws for a one-guess estimate at ``key``: for inspecting a
+    rule (its covariance, its cosine with :func:`site_gradients`) without
+    writing the context by hand.
+    """
+    rule = rules_lib.as_rule(rule)
+    ctx = guess_context(
+        model,
+        params,
+        batch,
+        needs_label=rule.needs_label,
+        loss_fn=loss_fn,
+        inputs=inputs,
+        trainable=trainable,
+        key=key,
+    )
+    return {
+        s.path: rules_lib.site_guess(rule, ctx, s.index, key, normalize)
+        for s in ctx.structure.active
+    }

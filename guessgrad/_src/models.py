@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from guessgrad._src.base import Array, Params
+from guessgrad._src.base import Array
 from guessgrad._src.sites import site
 
 
@@ -113,49 +112,3 @@ class MLP(Chain):
             )
         widths = [self.width] * (self.depth - 1) + [self.num_classes]
         return tuple(Linear(w, name=f"dense_{i}") for i, w in enumerate(widths))
-
-
-class ChainFns(NamedTuple):
-    """Pure functions of a :class:`Chain`, as estimators use them.
-
-    Attributes:
-      names: the ``params`` key of each site map, in order.
-      site_fns: ``site_fns[l](theta_l, x_l) -> s_l``.
-      activation: ``sigma``, applied between consecutive sites.
-      preprocess: ``image -> x_0``.
-    """
-
-    names: tuple[str, ...]
-    site_fns: tuple[Callable[[Params, Array], Array], ...]
-    activation: Callable[[Array], Array]
-    preprocess: Callable[[Array], Array]
-
-    @property
-    def num_sites(self) -> int:
-        return len(self.site_fns)
-
-
-def chain_fns(model: nn.Module) -> ChainFns:
-    """Splits a :class:`Chain` into the pure per-site functions estimators use."""
-    if not isinstance(model, Chain):
-        raise TypeError(
-            f"Estimators need a guessgrad.models.Chain (e.g. guessgrad.models.MLP); "
-            f"got {type(model).__name__}. Subclass Chain and return your site maps "
-            f"from layer_modules()."
-        )
-    modules = tuple(model.layer_modules())
-    names = tuple(m.name for m in modules)
-    if any(name is None for name in names) or len(set(names)) != len(names):
-        raise ValueError(
-            f"Every module from layer_modules() needs a unique name; got {names}."
-        )
-
-    def make_site_fn(module):
-        return lambda layer_params, x: module.apply({"params": layer_params}, x)
-
-    return ChainFns(
-        names=names,
-        site_fns=tuple(make_site_fn(m) for m in modules),
-        activation=model.activation,
-        preprocess=model.preprocess,
-    )

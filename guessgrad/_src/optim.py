@@ -1,8 +1,7 @@
-"""Optimisers: StableAdamW, and the names the experiments accept."""
+"""StableAdamW: AdamW with per-tensor update clipping."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -66,22 +65,3 @@ def stable_adamw(
         return new_updates, StableAdamWState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
-    "adamw": lambda lr: optax.adamw(lr, weight_decay=1e-4),
-    "sgd": optax.sgd,
-    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
-    "stable_adamw": stable_adamw,
-}
-
-
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-    """Optimiser ``name`` (adamw, sgd, momentum = SGD with momentum 0.9, stable_adamw)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(
-            f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}."
-        )
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive; got {learning_rate!r}.")
-    return OPTIMIZERS[name](learning_rate)

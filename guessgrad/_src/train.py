@@ -48,11 +48,15 @@ def make_train_step(
     *,
     jit: bool = True,
     skip_nonfinite: bool = False,
+    has_aux: bool | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Aux]]:
     """``(state, batch) -> (state, metrics)``: estimate, update, apply.
 
-    ``estimator`` is what :func:`guessgrad.build_estimator` returns (its metrics,
-    e.g. the loss its forward pass computed, are passed through). The key for
+    ``estimator``: any ``(params, batch, key) -> grads``, e.g.
+    ``guessgrad.estimators.wt(model)``. With ``has_aux`` (by default the
+    estimator's own ``has_aux`` attribute, else False) it returns ``(grads,
+    metrics)`` and its metrics (the loss its forward pass computed) are
+    passed through. The key for
     step ``t`` is ``fold_in(state.key, t)``, so a run is reproducible from any
     saved state.
 
@@ -64,9 +68,25 @@ def make_train_step(
     caller decides (the experiment runner stops at the first such step).
     """
 
+    if has_aux is None:
+        has_aux = bool(getattr(estimator, "has_aux", False))
+
     def step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.key, state.step)
-        grads, metrics = estimator(state.params, batch, key)
+        if has_aux:
+            grads, metrics = estimator(state.params, batch, key)
+        else:
+            grads, metrics = estimator(state.params, batch, key), {}
+        if jax.tree.structure(grads) != jax.tree.structure(state.params):
+            raise ValueError(
+                f"The estimator's grads must have the tree structure of params; got "
+                f"{jax.tree.structure(grads)} for {jax.tree.structure(state.params)}. "
+                + (
+                    "An estimator returning (grads, metrics) needs has_aux=True."
+                    if not has_aux and isinstance(grads, tuple) and len(grads) == 2
+                    else ""
+                )
+            )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         finite = _all_finite((updates, metrics.get("loss")))
         params = optax.apply_updates(state.params, updates)

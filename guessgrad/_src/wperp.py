@@ -1,0 +1,308 @@
+"""W-perp's guesses: the top-k right singular subspace of the next map's Jacobian.
+
+Exact W-perp (:func:`wperp`) takes a per-example SVD of ``J_b = W_{l+1}
+D_{l,b}``; :func:`wperp_ns` finds the subspace with products by ``J_b`` and
+``J_b^T`` only (JVPs and VJPs of the next site map): a block Krylov space
+and Rayleigh-Ritz (faithful, the default), or a one-vector polynomial filter
+(cheaper, a different covariance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from guessgrad._src.base import Array, PRNGKey
+from guessgrad._src.rules import GuessContext, GuessFn, normal_like
+from guessgrad._src.sharding import like_batch
+
+WPERP_NS_VARIANTS = ("krylov", "vector")
+KRYLOV_BLOCK = 2  # Gaussian start vectors of the Krylov space, by default
+FILTER_DEGREE = 6  # the vector variant's filter degree, by default
+
+
+def _singular_tolerance(singular_values: Array) -> Array:
+    """Singular values below this (relative to the largest) count as zero."""
+    eps = jnp.finfo(singular_values.dtype).eps
+    return singular_values[..., :1] * eps * max(singular_values.shape[-1], 1) * 10
+
+
+def wperp(rank: int) -> GuessFn:
+    """``V_k z``, z ~ N(0, I_k), V_k the top-``rank`` right singular vectors of J_b (exact SVD).
+
+    Directions with zero singular value (fewer than ``rank`` live units) get no
+    weight, so Cov(y) is the projector on J_b's top-k row space.
+    """
+
+    def guess(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+        site = ctx.value(index)
+        if site.dtype not in (jnp.float32, jnp.float64):
+            raise ValueError(
+                f"Exact wperp needs float32 or float64 (a per-example SVD); site {index} is "
+                f"{site.dtype}. Use wperp_ns, which needs only matrix products."
+            )
+        jac = ctx.next_jacobian(index)  # [B, m, n]
+        _, singular_values, vh = jnp.linalg.svd(jac, full_matrices=False)
+        k = min(rank, vh.shape[1])
+        keep = singular_values[:, :k] > _singular_tolerance(singular_values)
+        z = (
+            like_batch(jax.random.normal(key, (site.shape[0], k), site.dtype), site)
+            * keep
+        )
+        return jnp.einsum("bk,bkn->bn", z, vh[:, :k]).reshape(site.shape)
+
+    return guess
+
+
+def default_krylov_steps(rank: int, block_size: int = KRYLOV_BLOCK) -> int:
+    """The Krylov variant's default steps: a space of ``max(3 rank, 16)`` dimensions.
+
+    ``block_size * (steps + 1)`` dimensions, at ``block_size * (2 steps + 2)``
+    products: with the default block of 2, ranks 1 to 5 take 7 steps (16
+    dimensions, 32 products), rank 10 takes 14 (30 dimensions, 60 products).
+    That depth gives W-perp's mean direction (the cosine of ``E[P_hat] g``
+    with ``P_k g``) above 0.999 at k = 1, 3 and 10 on a trained 3x128 MLP,
+    where ``max(2 rank, 10)`` dimensions gave 0.936 at k = 3 and 0.986 at
+    k = 10. At equal cost, a narrow deep space beats a
+    wide shallow one (at 6x1024, trained: mean cosine of the projected
+    gradient with exact W-perp's 0.996 for 2 vectors x 9 steps, 0.992 for 4
+    x 4, 0.97 for 10 x 1).
+    """
+    return max(1, -(-max(3 * rank, 16) // block_size) - 1)
+
+
+def _example_norms(x: Array) -> Array:
+    """Per-example norms of [B, ...], shaped to broadcast against ``x``."""
+    norms = jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1))
+    return norms.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _safe_inverse(x: Array) -> Array:
+    """``1 / x`` where ``x > 0``, else 0 (zero vectors stay zero)."""
+    return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
+
+
+def chebyshev_filter(
+    gram: Callable[[Array], Array], start: Array, degree: int, cutoff: float
+) -> Array:
+    """``p(A) start`` per example, ``p`` a degree-``degree`` filter that favours A's top.
+
+    ``A = gram`` (symmetric PSD, applied to [B, ...]). ``cutoff > 0``: the
+    Chebyshev recurrence ``T_{j+1} = 2 (2 A / a_j - 1) T_j - T_{j-1}`` (``T_0
+    = start``, ``T_1 = (2 A / a_0 - 1) start``), which stays bounded on ``[0,
+    a]`` and grows fastest above it. The bound adapts per example from the
+    products already made: ``a_j = cutoff * rho_j``, ``rho_j`` the largest of
+    ``|A T_i| / |T_i|``, i <= j, a lower bound on ``||A||`` that rises towards
+    it as the iterate turns to the top. With ``cutoff <= 1``, ``a_j`` never
+    exceeds ``||A||``, so the filter always amplifies the top of the spectrum
+    (a bound above ``||A||`` would leave every eigenvalue inside the bounded
+    band: no filtering at all). ``cutoff = 0``: the power filter ``A^d``. The
+    iterate is rescaled per example after each product (the result's norm is
+    arbitrary); the result is a degree-``degree`` polynomial in ``A`` applied
+    to ``start``.
+    """
+    if degree == 0:
+        return start
+    image = gram(start)
+    if cutoff == 0:
+        current = image
+        for _ in range(degree - 1):
+            current = gram(current * _safe_inverse(_example_norms(current)))
+        return current
+
+    def growth(image, vector):  # |A v| / |v| per example: at most ||A||
+        return _example_norms(image) * _safe_inverse(_example_norms(vector))
+
+    rho = growth(image, start)
+    previous, current = start, 2.0 * _safe_inverse(cutoff * rho) * image - start
+    for _ in range(degree - 1):
+        image = gram(current)
+        rho = jnp.maximum(rho, growth(image, current))
+        following = 2.0 * (2.0 * _safe_inverse(cutoff * rho) * image - current)
+        following = following - previous
+        scale = _safe_inverse(_example_norms(following))
+        previous, current = current * scale, following * scale
+    return current
+
+
+def _dot(subscripts: str, *operands: Array) -> Array:
+    """``einsum`` at full float32 precision: the subspace's Gram matrices and
+    projections must not drop to TF32 or bfloat16 passes on accelerators."""
+    return jnp.einsum(subscripts, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
+def _subspace_dtype(dtype) -> jnp.dtype:
+    """Orthogonalisation and Rayleigh-Ritz run in at least float32 (bfloat16 sites too)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def orthonormal_rows(block: Array, basis: Array | None = None) -> Array:
+    """Rows of each [p, n] block made orthonormal, and orthogonal to ``basis``'s [P, n] rows.
+
+    Gram-Schmidt, row by row, each projection done twice ("twice is
+    enough"): against ``basis``, then against the rows already accepted. A
+    row whose residual is below ``sqrt(eps) * 10`` of the block's largest
+    row is dependent on the rest (or numerical noise) and becomes a zero
+    row, so a rank-deficient block (fewer live units than vectors) gives
+    zero rows, never noise outside the row space. Vector operations only (no
+    factorisation): cost ``O(B p (P + p) n)``, small next to the products
+    with the site map that made the block.
+    """
+    dtype = _subspace_dtype(block.dtype)
+    x = block.astype(dtype)
+    rtol = 10.0 * float(jnp.finfo(dtype).eps) ** 0.5
+    scale = jnp.max(jnp.sum(x * x, axis=-1), axis=-1, keepdims=True)  # [B, 1]
+    rows: list[Array] = []
+    for index in range(x.shape[1]):
+        row = x[:, index]  # [B, n]
+        for _ in range(2):
+            if basis is not None:
+                row = row - _dot("bq,bqn->bn", _dot("bn,bqn->bq", row, basis), basis)
+            for done in rows:
+                row = row - jnp.sum(row * done, axis=-1, keepdims=True) * done
+        norm2 = jnp.sum(row * row, axis=-1, keepdims=True)
+        keep = norm2 > (rtol**2) * scale
+        rows.append(
+            jnp.where(keep, row * jax.lax.rsqrt(jnp.where(keep, norm2, 1.0)), 0.0)
+        )
+    return jnp.stack(rows, axis=1)
+
+
+def krylov_subspace(
+    ctx, index: int, key: PRNGKey, rank: int, block_size: int, depth: int
+) -> tuple[Array, Array]:
+    """Approximate top-``rank`` right singular vectors of each example's ``J_b``.
+
+    Block Krylov space ``[Y, A Y, ..., A^depth Y]`` of ``A = J_b^T J_b``,
+    ``Y = J_b^T Omega`` with ``block_size`` Gaussian columns, orthonormalised
+    as it grows; then Rayleigh-Ritz. Returns ``(ritz, keep)``: [B, k, n]
+    orthonormal rows (flattened site), best first, and [B, k] whether each
+    has a Ritz value above zero (directions of a row space smaller than
+    ``k`` get no weight, as in exact W-perp).
+    """
+    site, nxt = ctx.value(index), ctx.value(ctx.target(index))
+    push, pull = ctx.next_maps(index)
+    pull_block = jax.vmap(pull, in_axes=1, out_axes=1)  # [B,p,m...] -> [B,p,n...]
+    push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n...] -> [B,p,m...]
+    batch = site.shape[0]
+    omega = like_batch(
+        jax.random.normal(key, (batch, block_size) + nxt.shape[1:], nxt.dtype), nxt
+    )
+
+    def flat(x):
+        return x.reshape(x.shape[:2] + (-1,))
+
+    basis, images = [], []
+    current = orthonormal_rows(flat(pull_block(omega)))  # J^T Omega: in the row space
+    for step in range(depth + 1):
+        basis.append(current)
+        image = push_block(
+            current.astype(site.dtype).reshape(current.shape[:2] + site.shape[1:])
+        )
+        images.append(flat(image).astype(current.dtype))
+        if step < depth:
+            grown = flat(pull_block(image)).astype(current.dtype)  # J^T J q
+            current = orthonormal_rows(grown, jnp.concatenate(basis, axis=1))
+    q = jnp.concatenate(basis, axis=1)  # [B, P, n], orthonormal (or zero) rows
+    z = jnp.concatenate(images, axis=1)  # [B, P, m] = J q
+    # Rayleigh-Ritz: q J^T J q^T = z z^T, no further product with the map.
+    values, vectors = jnp.linalg.eigh(_dot("bpm,bqm->bpq", z, z))
+    k = min(rank, q.shape[1])
+    values, vectors = values[:, -k:], vectors[:, :, -k:]
+    keep = values > values[:, -1:] * jnp.finfo(q.dtype).eps * 10 * q.shape[1]
+    ritz = _dot("bpk,bpn->bkn", vectors[:, :, ::-1], q)  # best first
+    return ritz, keep[:, ::-1]
+
+
+def _wperp_krylov(ctx, index, key, rank, block_size, depth):
+    """``y = V_k z`` with ``V_k`` from :func:`krylov_subspace` and ``z ~ N(0, I_k)``."""
+    site = ctx.value(index)
+    space_key, z_key = jax.random.split(key)
+    ritz, keep = krylov_subspace(ctx, index, space_key, rank, block_size, depth)
+    coefficients = jax.random.normal(z_key, keep.shape, ritz.dtype) * keep
+    coefficients = like_batch(coefficients, site)
+    guess = jnp.einsum("bk,bkn->bn", coefficients, ritz)
+    return guess.astype(site.dtype).reshape(site.shape)
+
+
+def wperp_ns_products(
+    rank: int,
+    variant: str = "krylov",
+    krylov_steps: int | None = None,
+    block_size: int = KRYLOV_BLOCK,
+    degree: int = FILTER_DEGREE,
+) -> int:
+    """The ``W^T``-sized products (JVPs and VJPs of the next map) per site of :func:`wperp_ns`.
+
+    Krylov: ``block_size * (2 krylov_steps + 2)`` (``krylov_steps`` by
+    default :func:`default_krylov_steps`); the filter: ``1 + 2 degree``.
+    """
+    _check_variant(variant)
+    if variant == "vector":
+        return 1 + 2 * degree
+    if krylov_steps is None:
+        krylov_steps = default_krylov_steps(rank, block_size)
+    return block_size * (2 * krylov_steps + 2)
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in WPERP_NS_VARIANTS:
+        raise ValueError(
+            f"variant must be one of {WPERP_NS_VARIANTS}; got {variant!r}."
+        )
+
+
+def wperp_ns(
+    rank: int,
+    *,
+    variant: str = "krylov",
+    krylov_steps: int | None = None,
+    block_size: int = KRYLOV_BLOCK,
+    degree: int = FILTER_DEGREE,
+    cutoff: float = 1.0,
+) -> GuessFn:
+    """W-perp without an SVD: a guess in J_b's (approximate) top right singular subspace.
+
+    ``variant="krylov"`` (default, faithful): per example, the block Krylov
+    space ``[Y, A Y, ..., A^d Y]`` of ``A = J_b^T J_b`` from ``Y = J_b^T
+    Omega`` (``block_size`` Gaussian columns; ``d = krylov_steps``, by
+    default enough for ``max(3 rank, 16)`` dimensions,
+    :func:`default_krylov_steps`), orthonormalised as it grows, then
+    Rayleigh-Ritz: the top-``rank`` eigenvectors of the small projected
+    matrix ``Q A Q^T`` (computed from the last pushes, no extra product)
+    give ``V_k``, and ``y = V_k z`` with ``z ~ N(0, I_k)``: isotropic over
+    the found subspace, covariance a rank-k projector, as exact W-perp's.
+    Cost ``block_size * (2 d + 2)`` products the size of ``W^T eps``.
+
+    ``variant="vector"`` (cheaper, not W-perp): one guess vector, ``y =
+    p(J_b^T J_b) J_b^T eps`` with eps ~ N(0, I) at the target and ``p`` the
+    degree-``degree`` filter of :func:`chebyshev_filter` (``cutoff``; 0
+    gives the power filter). In J_b's singular basis the component along
+    ``v_i`` is ``sigma_i p(sigma_i^2) z_i``: the top directions dominate,
+    the rest are damped. Cost ``1 + 2 degree`` products. ``rank`` is
+    unused: the filter fixes no rank, and within the top subspace the guess
+    is weighted by the filter rather than isotropic as in exact W-perp.
+
+    Every product is a JVP or VJP of the next site map, so both variants work
+    for any site map; guesses lie in J_b's row space (zero on dead units).
+    """
+    _check_variant(variant)
+    if not 0 <= cutoff <= 1:
+        raise ValueError(
+            f"cutoff must be in [0, 1] (above 1 the filter's band can pass the "
+            f"top of the spectrum and stop filtering); got {cutoff!r}."
+        )
+    if krylov_steps is None:
+        krylov_steps = default_krylov_steps(rank, block_size)
+
+    def guess(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+        if variant == "krylov":
+            return _wperp_krylov(ctx, index, key, rank, block_size, krylov_steps)
+        nxt = ctx.value(ctx.target(index))
+        push, pull = ctx.next_maps(index)
+        start = pull(normal_like(key, nxt))
+        return chebyshev_filter(lambda v: pull(push(v)), start, degree, cutoff)
+
+    return guess
