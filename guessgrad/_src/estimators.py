@@ -41,50 +41,50 @@ DEFAULT_MODE = "per_layer"
 MODES = engine.MODES
 
 _PROBLEM_ARGS = """\
-      loss_fn: ``(outputs, batch) -> [B]`` per-example losses, or a dict of
-        named ones (local losses); the objective is the sum of their means
-        over the batch. A loss ``[B, ...]`` is summed per example over its
-        other axes unless declared as copies with :func:`guessgrad.copies`
-        (then counted as their mean). Default: softmax cross-entropy of the
-        outputs against integer ``batch["label"]``.
-      inputs: ``batch ->`` the model's call argument (a tuple for several).
-        Default: ``batch["image"]``.
-      trainable: a pytree of bools with the structure of ``params`` (or of
-        its ``"params"`` collection), or a callable from ``params`` to one
-        (as ``optax.masked`` takes). Frozen leaves get exact zeros and cost
-        no guess work. Collections other than ``"params"`` are constants.
-      has_aux: return ``(grads, metrics)`` instead of ``grads``: ``loss``
-        (the objective), ``loss/<name>`` per loss when there are several,
-        and ``accuracy`` with the default loss."""
+  loss_fn: ``(outputs, batch) -> [B]`` per-example losses, or a dict of
+    named ones (local losses); the objective is the sum of their means
+    over the batch. A loss ``[B, ...]`` is summed per example over its
+    other axes unless declared as copies with :func:`guessgrad.copies`
+    (then counted as their mean). Default: softmax cross-entropy of the
+    outputs against integer ``batch["label"]``.
+  inputs: ``batch ->`` the model's call argument (a tuple for several).
+    Default: ``batch["image"]``.
+  trainable: a pytree of bools with the structure of ``params`` (or of
+    its ``"params"`` collection), or a callable from ``params`` to one
+    (as ``optax.masked`` takes). Frozen leaves get exact zeros and cost
+    no guess work. Collections other than ``"params"`` are constants.
+  has_aux: return ``(grads, metrics)`` instead of ``grads``: ``loss``
+    (the objective), ``loss/<name>`` per loss when there are several,
+    and ``accuracy`` with the default loss."""
 
 _GUESSING_ARGS = """\
-      num_guesses: K, the number of independent guesses averaged per step
-        (vmapped; the estimate is the mean of the K one-guess estimates at
-        the keys ``jax.random.split(key, K)``, or ``key`` itself for K = 1).
-      normalize: rescale each example's guess to norm ``sqrt(n_l)`` before
-        the directional derivative (zero guesses stay zero).
-      mode: ``"per_layer"`` (default): one directional derivative per site,
-        ``d_{l,b} = <dl_b/ds_l, y_{l,b}>``, exactly ``E[g_l] = Cov(y_l)
-        dl/ds_l``, triangular tangent work; ``"joint"``: every site
-        perturbed in one forward pass, ``d_b = sum_l <dl_b/ds_l,
-        y_{l,b}>``, the same expectation for independent zero-mean guesses
-        with more variance, one pass.
-      lean: joint mode on a :class:`~guessgrad.models.Chain` keeping no
-        per-layer activations (the forward is recomputed site by site);
-        the same estimate for the same key."""
+  num_guesses: K, the number of independent guesses averaged per step
+    (vmapped; the estimate is the mean of the K one-guess estimates at
+    the keys ``jax.random.split(key, K)``, or ``key`` itself for K = 1).
+  normalize: rescale each example's guess to norm ``sqrt(n_l)`` before
+    the directional derivative (zero guesses stay zero).
+  mode: ``"per_layer"`` (default): one directional derivative per site,
+    ``d_{l,b} = <dl_b/ds_l, y_{l,b}>``, exactly ``E[g_l] = Cov(y_l)
+    dl/ds_l``, triangular tangent work; ``"joint"``: every site
+    perturbed in one forward pass, ``d_b = sum_l <dl_b/ds_l,
+    y_{l,b}>``, the same expectation for independent zero-mean guesses
+    with more variance, one pass.
+  lean: joint mode on a :class:`~guessgrad.models.Chain` keeping no
+    per-layer activations (the forward is recomputed site by site);
+    the same estimate for the same key."""
 
 _RETURNS = """\
-    Returns:
-      An estimator ``(params, batch, key) -> grads`` (``(grads, metrics)``
-      with ``has_aux=True``), pure: the same key gives the same estimate,
-      under ``jax.jit`` and ``jax.vmap`` over keys. The model runs with
-      ``rngs=guessgrad.model_rngs(key)`` (dropout); arrays sharded on a mesh
-      work with or without a context mesh."""
+Returns:
+  An estimator ``(params, batch, key) -> grads`` (``(grads, metrics)``
+  with ``has_aux=True``), pure: the same key gives the same estimate,
+  under ``jax.jit`` and ``jax.vmap`` over keys. The model runs with
+  ``rngs=guessgrad.model_rngs(key)`` (dropout); arrays sharded on a mesh
+  work with or without a context mesh."""
 
 
 def _documented(fn):
     """Fills the shared ``{problem_args}``, ``{guessing_args}`` and ``{returns}`` of a docstring."""
-    doc = fn.__doc__
+    doc = inspect.cleandoc(fn.__doc__)
     for name, text in (
         ("{problem_args}", _PROBLEM_ARGS),
         ("{guessing_args}", _GUESSING_ARGS),
@@ -190,31 +190,31 @@ def from_rule(
 ) -> Estimator:
     r"""The forward-gradient estimator of any guess rule, on any model with sites.
 
-        For each guessed site ``l`` and example ``b``: guess ``y_{l,b}`` (the
-        rule), measure the directional derivative ``d_b`` of the example's loss
-        along it by forward mode, set ``g_{l,b} = d_b y_{l,b}`` and map it to
-        the parameters by the site's own local VJP (nothing flows back across
-        sites). Parameters after the last site before a loss (heads, readouts)
-        get their exact local gradient.
+    For each guessed site ``l`` and example ``b``: guess ``y_{l,b}`` (the
+    rule), measure the directional derivative ``d_b`` of the example's loss
+    along it by forward mode, set ``g_{l,b} = d_b y_{l,b}`` and map it to
+    the parameters by the site's own local VJP (nothing flows back across
+    sites). Parameters after the last site before a loss (heads, readouts)
+    get their exact local gradient.
 
-        Expectation: ``E[g_l] = Cov(y_l) dl/ds_l`` (exactly in per-layer mode;
-        in joint mode when the guesses of different sites are independent and
-        zero-mean). Unbiased iff ``Cov(y_l) = I`` on the gradient's span.
+    Expectation: ``E[g_l] = Cov(y_l) dl/ds_l`` (exactly in per-layer mode;
+    in joint mode when the guesses of different sites are independent and
+    zero-mean). Unbiased iff ``Cov(y_l) = I`` on the gradient's span.
 
-        Args:
-          model: a Flax linen module with sites marked inside
-            (:func:`guessgrad.site`) or a :func:`guessgrad.mark_outputs` model.
-          rule: a :class:`~guessgrad.rules.GuessRule`, or a bare guess function
-            ``(ctx, site, key) -> y`` (:class:`~guessgrad.rules.GuessContext`)
-            for sites with a target; terminal sites then get ``eps ~ N(0, I)``.
+    Args:
+      model: a Flax linen module with sites marked inside
+        (:func:`guessgrad.site`) or a :func:`guessgrad.mark_outputs` model.
+      rule: a :class:`~guessgrad.rules.GuessRule`, or a bare guess function
+        ``(ctx, site, key) -> y`` (:class:`~guessgrad.rules.GuessContext`)
+        for sites with a target; terminal sites then get ``eps ~ N(0, I)``.
     {guessing_args}
     {problem_args}
 
     {returns}
 
-        References:
-          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
-          Section 2, https://arxiv.org/abs/2312.04709.
+    References:
+      Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+      Section 2, https://arxiv.org/abs/2312.04709.
     """
     rule = rules_lib.as_rule(rule)
     _check_guessing(num_guesses, mode, lean, normalize)
@@ -269,11 +269,11 @@ def backprop(
 ) -> Estimator:
     """The exact gradient, by ``jax.grad`` through the model: the oracle every method is measured against.
 
-        ``g = grad_theta L``, ``L = sum_k mean_b l_{k,b}`` over the losses ``k``
-        (local losses are cut from each other by the model's ``stop_gradient``).
+    ``g = grad_theta L``, ``L = sum_k mean_b l_{k,b}`` over the losses ``k``
+    (local losses are cut from each other by the model's ``stop_gradient``).
 
-        Args:
-          model: any Flax linen module (sites, if marked, are inert).
+    Args:
+      model: any Flax linen module (sites, if marked, are inert).
     {problem_args}
 
     {returns}
@@ -301,29 +301,29 @@ def directional(
 ) -> Estimator:
     """Directional descent (weight perturbation, the forward gradient): ``g = (grad L . v) v``.
 
-        ``v ~ N(0, I)`` over the trainable parameters, one per guess, shared by
-        the whole batch; ``grad L . v`` is one JVP. Unbiased: ``E[v v^T] = I``,
-        so ``E[g] = grad L``, with variance growing with the parameter count.
-        With several losses (local losses) each parameter takes the derivative
-        of only the losses it reaches (found from the graph, as
-        :func:`guessgrad.structure` reports), ``sum_k (grad L_k . v) v``: still
-        unbiased, without the other blocks' derivatives as noise (Ren et al.'s
-        LG-FG-W). Frozen parameters are not perturbed (exact zeros).
+    ``v ~ N(0, I)`` over the trainable parameters, one per guess, shared by
+    the whole batch; ``grad L . v`` is one JVP. Unbiased: ``E[v v^T] = I``,
+    so ``E[g] = grad L``, with variance growing with the parameter count.
+    With several losses (local losses) each parameter takes the derivative
+    of only the losses it reaches (found from the graph, as
+    :func:`guessgrad.structure` reports), ``sum_k (grad L_k . v) v``: still
+    unbiased, without the other blocks' derivatives as noise (Ren et al.'s
+    LG-FG-W). Frozen parameters are not perturbed (exact zeros).
 
-        Args:
-          model: any Flax linen module.
-          num_guesses: K independent directions averaged per step.
-          normalize: rescale ``v`` to norm ``sqrt(N)`` (uniform on the sphere:
-            still unbiased).
+    Args:
+      model: any Flax linen module.
+      num_guesses: K independent directions averaged per step.
+      normalize: rescale ``v`` to norm ``sqrt(N)`` (uniform on the sphere:
+        still unbiased).
     {problem_args}
 
     {returns}
 
-        References:
-          Baydin, Pearlmutter, Syme, Wood, Torr, Gradients without
-          Backpropagation (2022), Section 3, https://arxiv.org/abs/2202.08587.
-          Ren, Kornblith, Liao, Hinton, Scaling Forward Gradient With Local
-          Losses (2022), Section 3, https://arxiv.org/abs/2210.03310.
+    References:
+      Baydin, Pearlmutter, Syme, Wood, Torr, Gradients without
+      Backpropagation (2022), Section 3, https://arxiv.org/abs/2202.08587.
+      Ren, Kornblith, Liao, Hinton, Scaling Forward Gradient With Local
+      Losses (2022), Section 3, https://arxiv.org/abs/2210.03310.
     """
     _check_guessing(num_guesses, "joint", False, normalize)
     problem = Problem(model, loss_fn, inputs, trainable, need_sites=False)
@@ -377,28 +377,28 @@ def oracle_angle(
 ) -> Estimator:
     """Oracle control: a guess at a fixed angle to the true gradient (reads ``jax.grad``).
 
-        ``g_theta = cos(theta) g + sin(theta) g_perp`` with ``cos(theta) =
-        cosine`` and ``g_perp`` a random direction orthogonal to the gradient
-        ``g`` with ``|g_perp| = |g|``: exactly the given cosine with ``g`` and
-        no bias in direction. With several losses the angle is set per stage
-        (the parameters that reach the same losses get their own ``g_perp``), so
-        each stage's estimate has the given cosine with its own gradient.
+    ``g_theta = cos(theta) g + sin(theta) g_perp`` with ``cos(theta) =
+    cosine`` and ``g_perp`` a random direction orthogonal to the gradient
+    ``g`` with ``|g_perp| = |g|``: exactly the given cosine with ``g`` and
+    no bias in direction. With several losses the angle is set per stage
+    (the parameters that reach the same losses get their own ``g_perp``), so
+    each stage's estimate has the given cosine with its own gradient.
 
-        Args:
-          model: any Flax linen module.
-          cosine: ``cos(theta)``, in [-1, 1].
-          scale: ``"gradient"``: the estimate is ``g_theta`` (``E = cosine *
-            g``); ``"directional"``: the modified directional step ``(g . u) u``
-            along the unit guess ``u = g_theta / |g|``, i.e. ``cosine * g_theta``
-            (``E = cosine^2 g``), what a directional derivative along a guess at
-            that angle gives (the paper's Figure 3, right).
+    Args:
+      model: any Flax linen module.
+      cosine: ``cos(theta)``, in [-1, 1].
+      scale: ``"gradient"``: the estimate is ``g_theta`` (``E = cosine *
+        g``); ``"directional"``: the modified directional step ``(g . u) u``
+        along the unit guess ``u = g_theta / |g|``, i.e. ``cosine * g_theta``
+        (``E = cosine^2 g``), what a directional derivative along a guess at
+        that angle gives (the paper's Figure 3, right).
     {problem_args}
 
     {returns}
 
-        References:
-          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
-          Section 3 and Figure 3, https://arxiv.org/abs/2312.04709.
+    References:
+      Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+      Section 3 and Figure 3, https://arxiv.org/abs/2312.04709.
     """
     if not -1.0 <= float(cosine) <= 1.0:
         raise ValueError(f"cosine must lie in [-1, 1]; got {cosine!r}.")
@@ -451,25 +451,25 @@ def activation_perturbation(
 ) -> Estimator:
     """Activity perturbation: ``y_{l,b} = eps ~ N(0, I)`` at every site.
 
-        Unbiased: ``Cov(y) = I``, so ``E[g_l] = dl/ds_l`` (normalised, ``Cov =
-        I`` still, by symmetry). ``mask=True``: ``y = D_l eps``, the guess
-        through the site's activation derivative (the ReLU mask) after any
-        normalisation, Ren et al.'s update: the derivative is the same (the
-        loss sees the site through its activation), the estimate is zero where
-        the unit is inactive; still unbiased, less variance.
+    Unbiased: ``Cov(y) = I``, so ``E[g_l] = dl/ds_l`` (normalised, ``Cov =
+    I`` still, by symmetry). ``mask=True``: ``y = D_l eps``, the guess
+    through the site's activation derivative (the ReLU mask) after any
+    normalisation, Ren et al.'s update: the derivative is the same (the
+    loss sees the site through its activation), the estimate is zero where
+    the unit is inactive; still unbiased, less variance.
 
-        Args:
-          model: a Flax linen module with sites (:func:`guessgrad.site`).
-          mask: multiply each guess by ``D_l`` (``sigma'(s_l)``).
+    Args:
+      model: a Flax linen module with sites (:func:`guessgrad.site`).
+      mask: multiply each guess by ``D_l`` (``sigma'(s_l)``).
     {guessing_args}
     {problem_args}
 
     {returns}
 
-        References:
-          Ren, Kornblith, Liao, Hinton, Scaling Forward Gradient With Local
-          Losses (2022), Section 3 (activity perturbation),
-          https://arxiv.org/abs/2210.03310.
+    References:
+      Ren, Kornblith, Liao, Hinton, Scaling Forward Gradient With Local
+      Losses (2022), Section 3 (activity perturbation),
+      https://arxiv.org/abs/2210.03310.
     """
     if not isinstance(mask, bool):
         raise TypeError(f"mask must be True or False; got {mask!r}.")
@@ -504,22 +504,22 @@ def wt(
 ) -> Estimator:
     """W^T: ``y_{l,b} = D_{l,b} W_{l+1}^T eps``, ``eps ~ N(0, I)`` at the next site.
 
-        For any layer between a site and its target, ``W_{l+1}^T eps`` is the
-        VJP of the map from ``s_l`` to the target. ``Cov(y) = D W^T W D``, so
-        ``E[g_l] = D_l W_{l+1}^T W_{l+1} D_l dl/ds_l``: biased towards the top
-        singular directions of ``W_{l+1} D_l``, where the gradient
-        ``D_l W_{l+1}^T dl/ds_{l+1}`` lives. Terminal sites: ``eps``.
+    For any layer between a site and its target, ``W_{l+1}^T eps`` is the
+    VJP of the map from ``s_l`` to the target. ``Cov(y) = D W^T W D``, so
+    ``E[g_l] = D_l W_{l+1}^T W_{l+1} D_l dl/ds_l``: biased towards the top
+    singular directions of ``W_{l+1} D_l``, where the gradient
+    ``D_l W_{l+1}^T dl/ds_{l+1}`` lives. Terminal sites: ``eps``.
 
-        Args:
-          model: a Flax linen module with sites (:func:`guessgrad.site`).
+    Args:
+      model: a Flax linen module with sites (:func:`guessgrad.site`).
     {guessing_args}
     {problem_args}
 
     {returns}
 
-        References:
-          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
-          Section 2.1, https://arxiv.org/abs/2312.04709.
+    References:
+      Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+      Section 2.1, https://arxiv.org/abs/2312.04709.
     """
     return _rule_estimator(
         "wt",
@@ -552,21 +552,21 @@ def downstream(
 ) -> Estimator:
     """``depth`` layers downstream: ``eps`` at ``x_{l+1+depth}``, pulled back to ``s_l``.
 
-        ``y_{l,b} = J_{l->l+depth}^T eps`` by the VJP of the layers between
-        (the last target if past the end); ``depth=1``: ``D_l W_{l+1}^T
-        D_{l+1} eps``. ``Cov(y) = J^T J``: biased, more so with depth.
+    ``y_{l,b} = J_{l->l+depth}^T eps`` by the VJP of the layers between
+    (the last target if past the end); ``depth=1``: ``D_l W_{l+1}^T
+    D_{l+1} eps``. ``Cov(y) = J^T J``: biased, more so with depth.
 
-        Args:
-          model: a Flax linen module with sites (:func:`guessgrad.site`).
-          depth: how many ``next`` links downstream ``eps`` is drawn (>= 1).
+    Args:
+      model: a Flax linen module with sites (:func:`guessgrad.site`).
+      depth: how many ``next`` links downstream ``eps`` is drawn (>= 1).
     {guessing_args}
     {problem_args}
 
     {returns}
 
-        References:
-          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
-          Section 2.1, https://arxiv.org/abs/2312.04709.
+    References:
+      Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+      Section 2.1, https://arxiv.org/abs/2312.04709.
     """
     check_positive_int("depth", depth)
     rule = rules_lib.GuessRule(rules_lib.downstream(depth), lookahead=depth)
@@ -600,21 +600,21 @@ def mixing(
 ) -> Estimator:
     """Activation mixing: ``y_{l,b} = D_{l,b} sum_j alpha_{bj} x_{l+1,j}``, ``alpha ~ N(0, 1)^{B x B}``.
 
-        A random combination of the batch's activations after site ``l``
-        (fresh ``alpha`` per site), masked by the example's ``D_l``. ``Cov(y) =
-        D (sum_j x_j x_j^T) D``, the activations' second moment: biased towards
-        the subspace the activations span, which the gradients share.
+    A random combination of the batch's activations after site ``l``
+    (fresh ``alpha`` per site), masked by the example's ``D_l``. ``Cov(y) =
+    D (sum_j x_j x_j^T) D``, the activations' second moment: biased towards
+    the subspace the activations span, which the gradients share.
 
-        Args:
-          model: a Flax linen module with sites (:func:`guessgrad.site`).
+    Args:
+      model: a Flax linen module with sites (:func:`guessgrad.site`).
     {guessing_args}
     {problem_args}
 
     {returns}
 
-        References:
-          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
-          Section 2.2, https://arxiv.org/abs/2312.04709.
+    References:
+      Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+      Section 2.2, https://arxiv.org/abs/2312.04709.
     """
     rule = rules_lib.GuessRule(rules_lib.mixing, lookahead=0)
     return _rule_estimator(
@@ -648,22 +648,22 @@ def wperp(
 ) -> Estimator:
     """W-perp: ``y_{l,b} = V_k z``, ``V_k`` the top-``rank`` right singular vectors of ``J_b = W_{l+1} D_{l,b}``.
 
-        ``z ~ N(0, I_k)``, ``J_b`` the per-example Jacobian of the map to the
-        next site, by an exact SVD (float32 or float64 sites). ``Cov(y) = V_k
-        V_k^T``, a rank-k projector: the bias is ``-(I - P_k) dl/ds_l`` only
-        (directions with zero singular value get no weight).
+    ``z ~ N(0, I_k)``, ``J_b`` the per-example Jacobian of the map to the
+    next site, by an exact SVD (float32 or float64 sites). ``Cov(y) = V_k
+    V_k^T``, a rank-k projector: the bias is ``-(I - P_k) dl/ds_l`` only
+    (directions with zero singular value get no weight).
 
-        Args:
-          model: a Flax linen module with sites (:func:`guessgrad.site`).
-          rank: k, the subspace's dimension.
+    Args:
+      model: a Flax linen module with sites (:func:`guessgrad.site`).
+      rank: k, the subspace's dimension.
     {guessing_args}
     {problem_args}
 
     {returns}
 
-        References:
-          Wang, Markou, Campbell, Towards Scalable Backpropagation-Free Gradient
-          Estimation (2025), https://arxiv.org/abs/2511.03110.
+    References:
+      Wang, Markou, Campbell, Towards Scalable Backpropagation-Free Gradient
+      Estimation (2025), https://arxiv.org/abs/2511.03110.
     """
     check_positive_int("rank", rank)
     return _rule_estimator(
@@ -702,38 +702,38 @@ def wperp_ns(
 ) -> Estimator:
     """W-perp without an SVD: guesses in the top right singular subspace of ``J_b = W_{l+1} D_{l,b}``.
 
-        Products with ``J_b`` and ``J_b^T`` only (JVPs and VJPs of the next map).
+    Products with ``J_b`` and ``J_b^T`` only (JVPs and VJPs of the next map).
 
-        * ``variant="krylov"`` (default, faithful): per example, a block Krylov
-          space ``[Y, A Y, ..., A^d Y]`` of ``A = J_b^T J_b``, ``Y = J_b^T
-          Omega`` (``block_size`` Gaussian columns, ``d = krylov_steps``), and
-          Rayleigh-Ritz give ``V_k``; ``y = V_k z``, ``z ~ N(0, I_k)``:
-          covariance a rank-k projector, as exact W-perp's. Cost ``block_size
-          * (2 d + 2)`` products the size of ``W^T eps`` (60 at rank 10).
-        * ``variant="vector"`` (cheaper, not W-perp's covariance): ``y =
-          p(J_b^T J_b) J_b^T eps``, ``p`` a degree-``degree`` Chebyshev filter
-          whose band edge adapts to each example; piles the guess onto the very
-          top directions. ``1 + 2 degree`` products; ``rank`` unused.
+    * ``variant="krylov"`` (default, faithful): per example, a block Krylov
+      space ``[Y, A Y, ..., A^d Y]`` of ``A = J_b^T J_b``, ``Y = J_b^T
+      Omega`` (``block_size`` Gaussian columns, ``d = krylov_steps``), and
+      Rayleigh-Ritz give ``V_k``; ``y = V_k z``, ``z ~ N(0, I_k)``:
+      covariance a rank-k projector, as exact W-perp's. Cost ``block_size
+      * (2 d + 2)`` products the size of ``W^T eps`` (60 at rank 10).
+    * ``variant="vector"`` (cheaper, not W-perp's covariance): ``y =
+      p(J_b^T J_b) J_b^T eps``, ``p`` a degree-``degree`` Chebyshev filter
+      whose band edge adapts to each example; piles the guess onto the very
+      top directions. ``1 + 2 degree`` products; ``rank`` unused.
 
-        Args:
-          model: a Flax linen module with sites (:func:`guessgrad.site`).
-          rank: k, the subspace's dimension (Krylov).
-          variant: ``"krylov"`` or ``"vector"``.
-          krylov_steps: d, the Krylov space's steps. Default: enough for
-            ``max(3 rank, 16)`` dimensions (14 at rank 10, 7 at ranks up to 5),
-            where the mean direction's cosine with exact W-perp's exceeds 0.999.
-          block_size: Gaussian start vectors of the Krylov space.
-          degree: the vector variant's filter degree.
-          cutoff: the vector variant's band edge as a fraction of the largest
-            eigenvalue seen, in [0, 1] (0: the power filter ``A^degree``).
+    Args:
+      model: a Flax linen module with sites (:func:`guessgrad.site`).
+      rank: k, the subspace's dimension (Krylov).
+      variant: ``"krylov"`` or ``"vector"``.
+      krylov_steps: d, the Krylov space's steps. Default: enough for
+        ``max(3 rank, 16)`` dimensions (14 at rank 10, 7 at ranks up to 5),
+        where the mean direction's cosine with exact W-perp's exceeds 0.999.
+      block_size: Gaussian start vectors of the Krylov space.
+      degree: the vector variant's filter degree.
+      cutoff: the vector variant's band edge as a fraction of the largest
+        eigenvalue seen, in [0, 1] (0: the power filter ``A^degree``).
     {guessing_args}
     {problem_args}
 
     {returns}
 
-        References:
-          Wang, Markou, Campbell, Towards Scalable Backpropagation-Free Gradient
-          Estimation (2025), https://arxiv.org/abs/2511.03110 (W-perp-NS).
+    References:
+      Wang, Markou, Campbell, Towards Scalable Backpropagation-Free Gradient
+      Estimation (2025), https://arxiv.org/abs/2511.03110 (W-perp-NS).
     """
     check_positive_int("rank", rank)
     if krylov_steps is not None:
@@ -778,22 +778,22 @@ def self_sharpening(
 ) -> Estimator:
     """1-layer downstream with ``eps ~ U(-1, 1)``; the terminal sites' guess is the true error.
 
-        ``y_{l,b} = D_l W_{l+1}^T D_{l+1} eps`` at hidden sites and ``dl_b/ds_L``
-        (``softmax - onehot`` at the logits) at terminal ones: the one method
-        whose guess reads the label. Biased (``Cov = J^T J / 3``); trained with
-        plain Adam its weights' effective rank collapses and the guesses sharpen
-        (pairs with :func:`guessgrad.stable_adamw`).
+    ``y_{l,b} = D_l W_{l+1}^T D_{l+1} eps`` at hidden sites and ``dl_b/ds_L``
+    (``softmax - onehot`` at the logits) at terminal ones: the one method
+    whose guess reads the label. Biased (``Cov = J^T J / 3``); trained with
+    plain Adam its weights' effective rank collapses and the guesses sharpen
+    (pairs with :func:`guessgrad.stable_adamw`).
 
-        Args:
-          model: a Flax linen module with sites (:func:`guessgrad.site`).
+    Args:
+      model: a Flax linen module with sites (:func:`guessgrad.site`).
     {guessing_args}
     {problem_args}
 
     {returns}
 
-        References:
-          Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
-          Section 3 (self-sharpening), https://arxiv.org/abs/2312.04709.
+    References:
+      Singhal, Cheung, Chandra et al., How to Guess a Gradient (2023),
+      Section 3 (self-sharpening), https://arxiv.org/abs/2312.04709.
     """
     rule = rules_lib.GuessRule(
         rules_lib.downstream(1, noise="uniform"),

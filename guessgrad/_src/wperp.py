@@ -289,6 +289,15 @@ def wperp_ns(
     for any site map; guesses lie in J_b's row space (zero on dead units).
     """
     _check_variant(variant)
+    for name, value, least in (
+        ("krylov_steps", krylov_steps, 1),
+        ("block_size", block_size, 1),
+        ("degree", degree, 0),
+    ):
+        if value is None and name == "krylov_steps":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}; got {value!r}.")
     if not 0 <= cutoff <= 1:
         raise ValueError(
             f"cutoff must be in [0, 1] (above 1 the filter's band can pass the "
