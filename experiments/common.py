@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -268,6 +269,14 @@ def config(model: experiment.ModelSpec, methods: Sequence[str]) -> experiment.Co
     )
 
 
+class _Terminated(KeyboardInterrupt):
+    signum = signal.SIGTERM
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(
     argv: Sequence[str],
     name: str,
@@ -285,6 +294,10 @@ def main(
     """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {' '.join(argv[1:])}")
+    # From here on a signal is an exception this function turns into its status
+    # (the package's start-up handler exits at once); a run installs its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminated)
     if not flags.FLAGS["verbosity"].present:
         # JAX's and Orbax's INFO lines would bury the progress.
         logging.set_verbosity(logging.WARNING)
@@ -316,7 +329,12 @@ def main(
             diverged = any(r.get("status") == "diverged" for r in rows)
         else:
             diverged = experiment.run(run_config)["status"] == "diverged"
-    except (experiment.WorkdirError, data.DataMissingError, FileNotFoundError) as err:
+    except (
+        experiment.WorkdirError,
+        experiment.CheckpointError,
+        data.DataMissingError,
+        FileNotFoundError,
+    ) as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 1
     except ValueError as err:
@@ -344,12 +362,14 @@ def main(
             command.append("--resume")
         print(f"Resume with:\n    {shlex.join(command)}", file=sys.stderr)
         return interrupt.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
         print(
-            "\nInterrupted before training started; nothing new was saved.",
+            f"\n{signal.Signals(signum).name} before training started; nothing new "
+            "was saved.",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signum
     if diverged:
         return 1
     return 0

@@ -7,6 +7,10 @@ guess rules (:mod:`guessgrad.rules`), a training step, and what the engine
 sees of a model (its structure, site values, exact site gradients).
 """
 
+from guessgrad._src import cpu_flags as _cpu_flags
+
+_cpu_flags.apply()  # before anything below can start JAX's backend
+
 from guessgrad import data as data
 from guessgrad import estimators as estimators
 from guessgrad import metrics as metrics

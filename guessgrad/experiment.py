@@ -30,6 +30,7 @@ takes flattened images, which arguments the estimator needs to train it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -99,6 +100,12 @@ _IDENTITY_FIELDS = (
 )
 # Longest wait between progress-bar refreshes (each one is a host sync).
 _REFRESH_SECONDS = 1.0
+
+# A run whose training loss (on the evaluated train subset) exceeds
+# BLOWUP_FACTOR times its step-0 value at BLOWUP_EVALS evaluations in a row,
+# or at the last one, stops as diverged even though every number is finite.
+BLOWUP_FACTOR = 3.0
+BLOWUP_EVALS = 2
 
 
 # --- architectures ------------------------------------------------------------------
@@ -456,6 +463,75 @@ class WorkdirError(RuntimeError):
     """The work directory cannot be used as asked; ``str()`` says why and what to do."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the run stopped at that step (``str()`` says why)."""
+
+
+LOCK_FILE = ".lock"
+
+
+class _WorkdirLock:
+    """One run per workdir: an exclusive ``flock`` on ``<workdir>/.lock``.
+
+    The file names the holder (host, pid, start time) for the message a
+    second run gets. The kernel releases the lock when the holder exits in
+    any way (SIGKILL and the OOM killer included), so a lock left by a dead
+    run is stale and simply taken over, with a line saying so. On a clean
+    exit the file is emptied.
+    """
+
+    def __init__(self, workdir: str, label: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.label = label
+        self.file = None
+
+    def __enter__(self) -> Self:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise WorkdirError(
+                f"{os.path.dirname(self.path)} is in use by another run ({holder}); "
+                "wait for it to finish, or choose another --workdir."
+            ) from None
+        handle.seek(0)
+        earlier = handle.read().strip()
+        if earlier:
+            print(
+                f"[{self.label}] taking over the workdir lock of an earlier run that "
+                f"is no longer running ({earlier})"
+            )
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            f"pid {os.getpid()} on {platform.node()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
+        handle.flush()
+        self.file = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.file is None:
+            return
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+        except OSError:
+            pass  # an unwritable workdir: the lock still goes with the process
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        self.file = None
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) or SIGTERM stopped the run at a step boundary.
 
@@ -734,8 +810,13 @@ def _checkpoint_manager(directory: str, keep: int):
     import orbax.checkpoint as ocp
 
     # Orbax removes the temporary folders of saves that never finished.
+    # Saves are synchronous: one that fails stops the run at that step rather
+    # than surfacing later from a background thread while training goes on.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        max_to_keep=keep,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=False,
     )
     return ocp.CheckpointManager(directory, options=options)
 
@@ -754,7 +835,27 @@ def _save_checkpoint(manager, state: gg.TrainState, meta: dict[str, Any]) -> Non
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)
     )
-    manager.save(step, args=args)
+    try:
+        manager.save(step, args=args)
+        manager.wait_until_finished()
+    except Exception as err:  # any failure to write: stop here
+        saved = [s for s in manager.all_steps() if s != step]
+        kept = (
+            f"the checkpoint of step {max(saved)} is kept"
+            if saved
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"Could not write the checkpoint of step {step} in {manager.directory} "
+            f"({_first_line(err)}); training stopped there and "
+            f"{kept}. Free disk space or restore write access, then resume with --resume."
+        ) from err
+
+
+def _close_quietly(manager) -> None:
+    """Closes a checkpoint manager whose last save failed (its error is already raised)."""
+    with contextlib.suppress(Exception):
+        manager.close()
 
 
 def _restore_one(manager, step: int, template: gg.TrainState):
@@ -1006,16 +1107,18 @@ def _prepare_workdir(config: Config, workdir: str, num_steps: int) -> list[int]:
                 "(--steps or --epochs), or choose another --workdir."
             )
         return steps
-    earlier = [
-        name
-        for name in (RESULTS_FILE, METRICS_FILE)
-        if os.path.isfile(os.path.join(workdir, name))
-        and os.path.getsize(os.path.join(workdir, name)) > 0
-    ]
-    if earlier:
+    results = os.path.join(workdir, RESULTS_FILE)
+    if os.path.isfile(results) and os.path.getsize(results) > 0:
         raise WorkdirError(
-            f"{workdir} holds the {' and '.join(earlier)} of an earlier run but no "
+            f"{workdir} holds the {RESULTS_FILE} of an earlier run but no "
             "checkpoint to resume from; choose another --workdir, or delete it to start over."
+        )
+    metrics = os.path.join(workdir, METRICS_FILE)
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        # A run killed before its first checkpoint: nothing to resume, nothing to keep.
+        print(
+            f"[{config.method}] {workdir} holds the {METRICS_FILE} of a run that "
+            "stopped before its first checkpoint; starting over from step 0"
         )
     if os.path.isdir(directory):
         # No finished checkpoint: at most Orbax's temporary folders of an aborted save.
@@ -1089,7 +1192,8 @@ def run(config: Config) -> dict[str, Any]:
 
     Raises:
       ValueError: an invalid configuration (see :func:`validate`).
-      WorkdirError: the workdir holds checkpoints and ``resume`` is False;
+      WorkdirError: another run holds the workdir (its lock file names it);
+        the workdir holds checkpoints and ``resume`` is False;
         ``resume`` is True and the saved run's configuration differs, or asks
         for fewer steps than were trained; it holds results but no
         checkpoint; or no checkpoint in it can be read.
@@ -1098,7 +1202,16 @@ def run(config: Config) -> dict[str, Any]:
     """
     validate(config)
     with _Signals(config.method) as signals:
-        return _run(config, signals)
+        parallel.maybe_initialize_distributed()
+        workdir = os.path.abspath(config.workdir or default_workdir(config))
+        # One process of a multi-host job writes the workdir; it holds the lock.
+        lock = (
+            _WorkdirLock(workdir, config.method)
+            if jax.process_index() == 0
+            else contextlib.nullcontext()
+        )
+        with lock:
+            return _run(config, signals)
 
 
 def _run(config: Config, signals: _Signals) -> dict[str, Any]:
@@ -1234,7 +1347,7 @@ def _run(config: Config, signals: _Signals) -> dict[str, Any]:
         unchecked.clear()
         return bad
 
-    diverged_at = None
+    diverged_at, checkpoint_failed, blown_up = None, False, None
     try:
         with open(metrics_path, "a", encoding="utf-8") as metrics_file:
 
@@ -1244,6 +1357,7 @@ def _run(config: Config, signals: _Signals) -> dict[str, Any]:
 
             if start_step == 0:
                 log(run_eval(0))
+            start_loss, above = _blowup_history(read_metrics(metrics_path))
             synced_step, synced_time = start_step, time.perf_counter()
             for step in range(start_step, stop_step):
                 state, metrics = train_step(state, loader.batch(step))
@@ -1289,6 +1403,11 @@ def _run(config: Config, signals: _Signals) -> dict[str, Any]:
                     checkpoint(done)
                     # Evaluation time does not count against throughput.
                     synced_time = time.perf_counter()
+                    above = above + 1 if _above(last_eval, start_loss) else 0
+                    if above >= BLOWUP_EVALS or (above and done == num_steps):
+                        blown_up = (done, last_eval["train_loss"], start_loss)
+                        log({"kind": "diverged", "step": done, "loss": blown_up[1]})
+                        break
                 if signals.signum is not None:
                     break
             if diverged_at is None:
@@ -1306,15 +1425,23 @@ def _run(config: Config, signals: _Signals) -> dict[str, Any]:
             checkpoint(int(state.step))
         else:
             loss = None
+    except CheckpointError:
+        checkpoint_failed = True
+        raise
     finally:
         progress.close()
-        manager.wait_until_finished()
-        last_saved = max(manager.all_steps(), default=None)
-        manager.close()
+        if checkpoint_failed:
+            _close_quietly(manager)
+        else:
+            manager.wait_until_finished()
+            last_saved = max(manager.all_steps(), default=None)
+            manager.close()
 
     step = int(state.step)
     if diverged_at is not None:
         return _diverged(config, workdir, diverged_at, loss, last_saved, options)
+    if blown_up is not None:
+        return _blew_up(config, workdir, *blown_up, options)
     if signals.signum is not None and step < num_steps:
         print(
             f"[{label}] {signal.Signals(signals.signum).name} at step {step} of "
@@ -1412,6 +1539,69 @@ def _diverged(
     _write_json(os.path.join(workdir, RESULTS_FILE), results)
     print(f"[{config.method}] diverged: {message}", file=sys.stderr)
     return json_safe(results)
+
+
+def _blowup_history(records: Sequence[Mapping[str, Any]]) -> tuple[float | None, int]:
+    """``(step-0 train loss, evaluations in a row above BLOWUP_FACTOR times it)`` so far."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not evals or evals[0].get("step") != 0:
+        return None, 0
+    start = evals[0].get("train_loss")
+    above = 0
+    for record in evals[1:]:
+        above = above + 1 if _above(record, start) else 0
+    return start, above
+
+
+def _above(record: Mapping[str, Any], start: float | None) -> bool:
+    loss = record.get("train_loss")
+    return (
+        start is not None
+        and loss is not None
+        and math.isfinite(start)
+        and start > 0
+        and loss > BLOWUP_FACTOR * start
+    )
+
+
+def _blew_up(
+    config: Config,
+    workdir: str,
+    step: int,
+    loss: float,
+    start: float,
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Writes results.json for a run whose loss blew up but stayed finite; returns it."""
+    rule = (
+        "at the last evaluation"
+        if step == total_steps_of(workdir)
+        else f"at {BLOWUP_EVALS} evaluations in a row"
+    )
+    message = (
+        f"the training loss rose to {loss:.4g} at step {step}, above "
+        f"{BLOWUP_FACTOR:g}x its start ({start:.4g}) {rule}; its checkpoint is kept. "
+        f"Likely cause: a learning rate too large for {config.optimizer} "
+        f"({config.learning_rate:g}; try a smaller --learning_rate)."
+    )
+    results = {
+        "status": "diverged",
+        **_run_fields(config, options),
+        "step": step,
+        "loss": loss,
+        "last_checkpoint_step": step,
+        "message": message,
+        "workdir": workdir,
+        **device_info(),
+    }
+    _write_json(os.path.join(workdir, RESULTS_FILE), results)
+    print(f"[{config.method}] diverged: {message}", file=sys.stderr)
+    return json_safe(results)
+
+
+def total_steps_of(workdir: str) -> int | None:
+    """The total steps a workdir's config.json records."""
+    return _load_json(os.path.join(workdir, CONFIG_FILE)).get("total_steps")
 
 
 _SHIFTED = {"invert": "inverted", "rotate": "rotated"}

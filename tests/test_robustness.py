@@ -352,3 +352,228 @@ def test_a_signal_saves_says_so_and_resumes_to_the_same_run(
     full_params, _ = experiment.load_params(str(uninterrupted))
     resumed_params, _ = experiment.load_params(str(workdir))
     jax.tree.map(np.testing.assert_array_equal, full_params, resumed_params)
+
+
+# --- shared machines: locks, early kills, full disks, finite blow-ups, start-up signals ---
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused_before_it_touches_anything(
+    tmp_path,
+):
+    config = dataclasses.replace(TINY, workdir=str(tmp_path))
+    with experiment._WorkdirLock(str(tmp_path), "first"):
+        holder = (tmp_path / experiment.LOCK_FILE).read_text()
+        assert f"pid {os.getpid()}" in holder
+        with pytest.raises(experiment.WorkdirError, match="in use by another run"):
+            experiment.run(config)
+        assert sorted(os.listdir(tmp_path)) == [experiment.LOCK_FILE]
+    assert experiment.run(config)["status"] == "done"
+    assert (tmp_path / experiment.LOCK_FILE).read_text() == ""  # released
+
+
+def test_the_lock_of_a_run_that_died_is_taken_over(tmp_path, capsys):
+    (tmp_path / experiment.LOCK_FILE).write_text(
+        "pid 999999 on elsewhere, since then\n"
+    )
+    config = dataclasses.replace(TINY, workdir=str(tmp_path))
+    assert experiment.run(config)["status"] == "done"
+    assert "taking over the workdir lock" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, resume):
+    """What a SIGKILL before the first checkpoint leaves: the step-0 evaluation (and
+    maybe train lines), no checkpoint. Nothing to resume: the run starts over."""
+    first = experiment.run(dataclasses.replace(TINY, workdir=str(tmp_path / "ref")))
+    lines = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (killed / "checkpoints").mkdir()
+    again = experiment.run(
+        dataclasses.replace(TINY, workdir=str(killed), resume=resume)
+    )
+    assert again["test_loss"] == first["test_loss"]
+    assert untimed(
+        [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    ) == untimed([json.loads(x) for x in lines])
+
+
+def test_a_finite_blow_up_ends_diverged_at_its_second_bad_evaluation(tmp_path):
+    config = dataclasses.replace(
+        TINY, learning_rate=1e4, steps=40, eval_every=10, workdir=str(tmp_path)
+    )
+    results = experiment.run(config)
+    assert results["status"] == "diverged"
+    records = _strict_lines(tmp_path / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    start = evals[0]["train_loss"]
+    above = [
+        r["step"] for r in evals if r["train_loss"] > experiment.BLOWUP_FACTOR * start
+    ]
+    assert results["step"] == above[1] < 40  # the second evaluation in a row above
+    assert all(np.isfinite(r["train_loss"]) for r in evals)
+    assert records[-1] == {
+        "kind": "diverged",
+        "step": results["step"],
+        "loss": evals[-1]["train_loss"],
+    }
+    assert "learning_rate" in results["message"]
+    assert experiment.checkpoint_steps(str(tmp_path))[-1] == results["step"]
+
+
+def _as_unprivileged(args):
+    """``args`` run without root's override of file permissions (as a plain user is)."""
+    if os.geteuid() != 0:
+        return args
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.geteuid() == 0 and not os.path.exists("/usr/bin/setpriv"),
+    reason="root without setpriv cannot lose write access",
+)
+def test_a_workdir_that_becomes_unwritable_stops_the_run_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    args = [*_LONG[:-3], "--eval_every=100", "--log_every=50", "--progress=false"]
+    process = subprocess.Popen(
+        _as_unprivileged(
+            [sys.executable, "-m", "experiments.mlp", *args, f"--workdir={workdir}"]
+        ),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (workdir / "checkpoints" / "100").is_dir():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    subprocess.run(["chmod", "-R", "a-w", str(workdir)], check=True)
+    try:
+        started = time.monotonic()
+        _, err = process.communicate(timeout=120)
+        seconds = time.monotonic() - started
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(workdir)], check=True)
+    assert process.returncode == 1
+    assert seconds < 30
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "Could not write the checkpoint of step" in last and "--resume" in last
+    assert 100 in experiment.checkpoint_steps(str(workdir))
+    resumed = cli(*args, "--steps=300", f"--workdir={workdir}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_workdir_one_is_refused_and_the_metrics_stay_one_run(
+    tmp_path,
+):
+    first = subprocess.Popen(
+        [sys.executable, "-m", "experiments.mlp", *_LONG, f"--workdir={tmp_path}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"train"' in metrics.read_text()):
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    second = cli(*_LONG, f"--workdir={tmp_path}", "--resume")
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=120)
+    assert second.returncode == 1
+    assert "in use by another run" in second.stderr.strip().splitlines()[-1]
+    assert f"pid {first.pid}" in second.stderr
+    steps = [r["step"] for r in _strict_lines(metrics) if r["kind"] == "train"]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.2, 1.0, 3.0])
+def test_a_signal_while_starting_ends_at_once_with_the_status(delay, tmp_path):
+    """Imports, JAX's start-up, flag parsing: never a traceback, never a run that
+    trains on; 130 for Ctrl-C and nothing in the workdir but what a run would resume."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.mlp", *_LONG, f"--workdir={tmp_path}/w"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    if not (tmp_path / "w" / "checkpoints").exists():
+        assert "SIGINT" in err
+
+
+_DEFAULT_FLAGS_SCRIPT = """
+import os
+import guessgrad as gg
+assert gg._cpu_flags.FLAG in os.environ["XLA_FLAGS"], os.environ.get("XLA_FLAGS")
+import jax, jax.numpy as jnp
+model = gg.models.MLP(depth=4, width=32, num_classes=10)
+batch = {"image": jax.random.normal(jax.random.key(0), (16, 20)),
+         "label": jnp.arange(16) % 10}
+params = model.init(jax.random.key(1), batch["image"])
+for name, options in [("wperp", {"rank": 3}), ("wperp_ns", {"rank": 3})]:
+    for mode in ("joint", "per_layer"):
+        estimate = jax.jit(gg.get_estimator(name, model, mode=mode, **options))
+        for i in range(5):
+            jax.block_until_ready(estimate(params, batch, jax.random.key(i)))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_estimators_with_factorisations_finish_under_jaxs_default_flags():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "-c", _DEFAULT_FLAGS_SCRIPT],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_importing_guessgrad_after_jax_started_on_a_cpu_warns_once():
+    script = (
+        "import warnings, jax; jax.devices()\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import guessgrad\n"
+        "print(sum('XLA_FLAGS' in str(x.message) for x in w))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.strip() == "1", result.stderr
+    env["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.strip() == "0", result.stderr  # the user's own choice stands
