@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import os
 
-# The batched SVD of exact W-perp; see SPEC.md's pitfalls.
+# The batched SVD of exact W-perp (guessgrad/_src/cpu_flags.py says why).
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 )

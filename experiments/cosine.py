@@ -163,6 +163,8 @@ def table(results: dict, variants: Sequence[measuring.Variant]) -> str:
 
 
 def plot(results: dict, methods: Sequence[str]):
+    from matplotlib import ticker as mticker
+
     fig, (cos_ax, step_ax) = measuring.figure(2)
     steps = [p["step"] for p in results["points"]]
     for m in methods:
@@ -195,6 +197,9 @@ def plot(results: dict, methods: Sequence[str]):
         yscale="symlog",
         title="loss decrease / backprop's",
     )
+    # Log-axis labels as plain numbers (0.8, not 8.04747x10^-1 on a narrow range).
+    cos_ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda y, _: f"{y:.3g}"))
+    cos_ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     measuring.style([cos_ax, step_ax])
     fig.suptitle(
         f"{results['settings']['model_label']} on {results['settings']['dataset']}"

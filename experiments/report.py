@@ -71,10 +71,15 @@ def section(directory: str, record: dict, output_dir: str) -> str:
     with open(os.path.join(directory, f"{name}.md"), encoding="utf-8") as f:
         table = f.read().strip()
     figure = os.path.relpath(os.path.join(directory, f"{name}.png"), output_dir)
+    # Most measurements read a backprop trajectory; these two train each method.
+    training = (
+        f"{settings['steps']} training steps of each method"
+        if name in ("bias_training", "self_sharpening")
+        else f"{settings['steps']} backprop steps (AdamW {settings['learning_rate']:g})"
+    )
     described = (
         f"{settings['model_label']} on {settings['dataset']}, batch "
-        f"{settings['batch_size']}, {settings['steps']} backprop steps (AdamW "
-        f"{settings['learning_rate']:g}), seed {settings['seed']}, "
+        f"{settings['batch_size']}, {training}, seed {settings['seed']}, "
         f"{settings['device']['device_kind']}"
     )
     return "\n\n".join(

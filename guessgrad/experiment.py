@@ -876,8 +876,11 @@ def _restore_one(manager, step: int, template: gg.TrainState):
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    """``Type: message`` on one line, at most 200 characters (reprs in messages can be long)."""
+    text = " ".join(str(err).split())
+    if len(text) > 200:
+        text = text[:199] + "…"
+    return f"{type(err).__name__}: {text}"
 
 
 def _restore_checkpoint(
@@ -1225,6 +1228,9 @@ def _run(config: Config, signals: _Signals) -> dict[str, Any]:
     print(f"[{label}] computing on {parallel.describe(mesh)}: {jax.devices()}")
     steps_per_epoch = data.num_train_examples(config.dataset) // config.batch_size
     num_steps = total_steps(config, steps_per_epoch)
+    had_files = os.path.isdir(workdir) and any(
+        name != LOCK_FILE for name in os.listdir(workdir)
+    )
     saved_steps = _prepare_workdir(config, workdir, num_steps)
     signals.check_before_training(workdir)
 
@@ -1286,7 +1292,7 @@ def _run(config: Config, signals: _Signals) -> dict[str, Any]:
         _truncate_metrics(metrics_path, int(state.step))
         print(f"[{label}] resumed from the checkpoint at step {int(state.step)}")
     else:
-        if config.resume:
+        if config.resume and had_files:
             print(
                 f"[{label}] --resume: no checkpoint in {workdir}; starting from step 0"
             )

@@ -3,7 +3,8 @@
 import os
 
 # Tests run on the CPU with a fixed thread pool; keep XLA's scheduler away
-# from the batched-factorisation deadlock seen on this CPU (see SPEC.md). Most
+# from the batched-factorisation deadlock seen on this CPU (guessgrad sets the
+# scheduler flag itself at import; guessgrad/_src/cpu_flags.py). Most
 # of a test's time is XLA compiling programs that then run a few steps:
 # compile them without LLVM's expensive optimisations (the suite: 12 minutes
 # instead of 16.5 on 2 cores; the computations are the same).

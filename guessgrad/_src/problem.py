@@ -134,7 +134,7 @@ class Problem:
         except flax.errors.ScopeParamShapeError as err:
             raise ValueError(
                 f"The model with these params does not accept {where}: "
-                f"{_first_line(err)}"
+                f"{self._mismatch(variables, args, err)}"
             ) from err
         except flax.errors.ModifyScopeVariableError as err:
             found = re.search(r'collection "([^"]+)"', str(err))
@@ -156,6 +156,29 @@ class Problem:
             )
             raise
         _CHECKED_INPUTS.put(signature, True)
+
+    def _mismatch(self, variables, args, err) -> str:
+        """Which parameters differ from what the model makes of this input, and the two readings."""
+        try:
+            made = jax.eval_shape(
+                lambda a: self.model.init(jax.random.key(0), *a), _abstract(args)
+            )
+        except Exception:  # noqa: BLE001  (the input itself does not fit: flax's message)
+            return _first_line(err)
+        given = dict(_shapes(variables.get("params", {})))
+        wanted = dict(_shapes(made.get("params", {})))
+        differ = [
+            f"{k} is {given.get(k)}, this input makes {wanted.get(k)}"
+            for k in sorted(set(given) | set(wanted))
+            if given.get(k) != wanted.get(k)
+        ]
+        if not differ:
+            return _first_line(err)
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        return (
+            f"{'; '.join(differ[:3])}{more}. The params come from another model or "
+            f"configuration (init them with this one), or the input has the wrong shape."
+        )
 
     def structure(self, variables, args, batch, rngs, mask) -> sites_lib.Structure:
         """The model's :class:`~guessgrad.Structure`, analysed once per model, loss, inputs and signature.
@@ -232,6 +255,14 @@ class _Cache:
 
 _STRUCTURES = _Cache(128)
 _CHECKED_INPUTS = _Cache(512)
+
+
+def _shapes(tree) -> list[tuple[str, tuple]]:
+    """``("a/b/kernel", shape)`` per leaf."""
+    return [
+        ("/".join(str(getattr(k, "key", k)) for k in path), tuple(jnp.shape(x)))
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def _first_line(err: Exception) -> str:
