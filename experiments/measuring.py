@@ -155,14 +155,10 @@ def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Set
     params = spec.init_params(model, init_key, loader.batch(0)["image"])
     args = {**spec.estimator_args(), "trainable": spec.trainable()}
     options = options or {}
-    estimators = {"backprop": gg.get_estimator("backprop", model, **args, has_aux=True)}
+    estimators = {"backprop": gg.get_estimator("backprop", model, **args)}
     for v in variants(methods):
         estimators[v.label] = gg.get_estimator(
-            v.method,
-            model,
-            **args,
-            **{**v.options, **options.get(v.label, {})},
-            has_aux=True,
+            v.method, model, **args, **{**v.options, **options.get(v.label, {})}
         )
     metric_fn = gg.get_estimator("backprop", model, **args, has_aux=True)
 
