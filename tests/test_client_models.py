@@ -113,6 +113,7 @@ def test_a_scalar_loss_says_it_must_be_per_example():
 # --- arrays on a mesh, with or without a mesh context ----------------------------------
 
 
+@pytest.mark.slow
 def test_estimators_take_arrays_on_a_default_mesh_without_a_mesh_context():
     mesh = jax.make_mesh((1,), ("data",))
     assert "Explicit" in str(mesh.axis_types)
@@ -279,6 +280,7 @@ def test_marking_a_shared_submodule_marks_every_call():
 # --- weight-space methods on any model -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_weight_space_methods_need_no_sites():
     model = nn.Dense(3)
     batch = {

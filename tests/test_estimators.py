@@ -293,6 +293,7 @@ def test_a_rule_written_outside_the_library_has_its_closed_form_expectation(smal
     assert_mean_matches(sample_estimates(estimate, params, batch), flat(expected))
 
 
+@pytest.mark.slow
 def test_a_rule_written_outside_the_library_gets_every_mode_and_option(small_mlp):
     model, params, batch = small_mlp
     key = jax.random.key(3)

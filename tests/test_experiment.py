@@ -62,6 +62,7 @@ def test_run_writes_every_output(method, tmp_path):
     assert experiment.checkpoint_steps(str(tmp_path)) == [10]
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     # Interrupted at step 13 (between evaluations at 8 and 16, mid log window),
     # resumed to 24: same parameters, same metrics as one uninterrupted run.

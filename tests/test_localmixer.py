@@ -170,6 +170,7 @@ def test_local_backprop_of_each_block_is_backprop_of_that_block_alone(objective)
         )
 
 
+@pytest.mark.slow
 def test_no_tangent_crosses_a_block_boundary():
     model, params, batch = small()
     found = gg.structure(model, params, batch, **gg.models.local_mixer_args())
@@ -195,6 +196,7 @@ def test_no_tangent_crosses_a_block_boundary():
     np.testing.assert_array_equal(moved["readout"], 0.0)
 
 
+@pytest.mark.slow
 def test_global_objective_is_ordinary_backprop_of_the_readout():
     model, params, batch = small("global")
     grads = estimate("backprop", model, params, batch)

@@ -264,6 +264,7 @@ def expected_bias_curve(gradient, mean, noise, ks):
     return (g @ m) / (np.linalg.norm(g) * np.sqrt(m @ m + noise**2 * g.size / ks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("biased", [False, True])
 def test_bias_curve_matches_closed_form(biased):
     key_g, key_b, key = jax.random.split(jax.random.key(6), 3)

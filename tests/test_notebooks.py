@@ -63,6 +63,7 @@ def test_committed_without_outputs(path):
     ],
     ids=lambda p: p.name,
 )
+@pytest.mark.slow
 def test_runs_in_smoke_mode(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     notebook.cells.insert(0, nbformat.v4.new_code_cell(_KERNEL_CHECK))

@@ -27,6 +27,7 @@ def _biases_only(model, batch):
     return params, trainable
 
 
+@pytest.mark.slow
 def test_joint_mode_cosine_is_the_closed_form_of_one_derivative_across_all_layers():
     """Joint activation perturbation with raw noise: ``g_hat = (a . eps) eps`` over
     every site at once, so ``cos(g_hat, a) = |a . eps| / (|a| |eps|)``, whose mean

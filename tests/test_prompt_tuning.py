@@ -67,6 +67,7 @@ def test_prompt_tuning_moves_only_the_prompts(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, frozen, backbone["params"])
 
 
+@pytest.mark.slow
 def test_backbone_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="ViT-B_16.npz"):
         experiment.ViTSpec(backbone=str(tmp_path / "missing.npz")).validate()

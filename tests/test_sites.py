@@ -255,6 +255,7 @@ def test_unbiased_methods_average_to_jax_grad(name, method):
     assert_mean_matches(samples, expected)
 
 
+@pytest.mark.slow
 def test_wt_matches_its_closed_form_expectation_on_the_residual_model():
     """E[g_l] = J_l^T J_l dl/ds_l per example, J_l the Jacobian from site l to its target."""
     model, params, batch, problem = setup("residual")

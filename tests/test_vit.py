@@ -213,6 +213,7 @@ def test_prompts_change_the_output(depth):
     assert float(jnp.max(jnp.abs(plain.apply(backbone, batch["image"]) - out))) > 1e-4
 
 
+@pytest.mark.slow
 def test_deep_prompts_replace_the_previous_blocks_prompt_outputs():
     """Deep: block i reads prompts[i], so the sequence keeps its length and no prompt output leaks on."""
     model, params, batch = micro(prompt_depth="deep")
@@ -294,6 +295,7 @@ def test_frozen_leaves_are_exactly_zero_and_the_prompts_move(method, depth):
         ("shallow", True, ["Transformer/prompts", "logits"]),
     ],
 )
+@pytest.mark.slow
 def test_prompt_tuning_guesses_only_at_the_prompt_tokens(depth, head, guessed):
     """The prompts are sites: the cut forward stops there, so no backbone site is guessed."""
     model, params, batch = micro(prompt_depth=depth)

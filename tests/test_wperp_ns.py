@@ -114,6 +114,7 @@ def trained_128(trained_mlp_128):
     return gg.guess_context(*trained_mlp_128)
 
 
+@pytest.mark.slow
 def test_filter_puts_its_energy_in_the_exact_top_k_on_random_weights(random_128):
     """Measured: degree 6, cutoff 1: 0.996; unfiltered W^T 0.34."""
     filtered = _share(_filter(RANK, FILTER_DEGREE), random_128, [0, 1])
@@ -167,6 +168,7 @@ def test_guesses_vanish_on_dead_units_and_read_no_label(small_mlp):
             np.testing.assert_array_equal(y, np.asarray(others[name]))
 
 
+@pytest.mark.slow
 def test_a_wholly_dead_example_gets_a_zero_guess(small_mlp):
     """Example 0 has input 0 and site 0 a negative bias: every unit of site 0 is
     dead for it, so ``J_0 = 0`` and its guess must be exactly 0 (not NaN), for
@@ -366,6 +368,7 @@ def random_16():
     return model, model.init(jax.random.key(1), batch["image"]), batch
 
 
+@pytest.mark.slow
 def test_krylov_finds_the_exact_subspace_when_it_spans_the_row_space(random_16):
     """With a space of at least the live units' dimension, Rayleigh-Ritz returns the
     exact top-k: orthonormal Ritz vectors, W-perp's projector to float32 precision,
@@ -387,6 +390,7 @@ def test_krylov_finds_the_exact_subspace_when_it_spans_the_row_space(random_16):
             )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 3, 10])
 def test_krylov_covariance_is_wperps_projector_on_a_small_network(random_16, rank):
     """Monte-Carlo E[y y^T] over 2000 keys against V_k V_k^T (4x16, random weights).
