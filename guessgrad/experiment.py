@@ -1532,19 +1532,7 @@ def _diverged(
         f"rate too large for {config.optimizer} ({config.learning_rate:g}; try a "
         "smaller --learning_rate), or labels outside the model's classes."
     )
-    results = {
-        "status": "diverged",
-        **_run_fields(config, options),
-        "step": step,
-        "loss": loss,
-        "last_checkpoint_step": last_saved,
-        "message": message,
-        "workdir": workdir,
-        **device_info(),
-    }
-    _write_json(os.path.join(workdir, RESULTS_FILE), results)
-    print(f"[{config.method}] diverged: {message}", file=sys.stderr)
-    return json_safe(results)
+    return _write_diverged(config, workdir, step, loss, last_saved, message, options)
 
 
 def _blowup_history(records: Sequence[Mapping[str, Any]]) -> tuple[float | None, int]:
@@ -1590,12 +1578,25 @@ def _blew_up(
         f"Likely cause: a learning rate too large for {config.optimizer} "
         f"({config.learning_rate:g}; try a smaller --learning_rate)."
     )
+    return _write_diverged(config, workdir, step, loss, step, message, options)
+
+
+def _write_diverged(
+    config: Config,
+    workdir: str,
+    step: int,
+    loss: float | None,
+    last_saved: int | None,
+    message: str,
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """results.json of a diverged run (``"status": "diverged"``), one line on stderr."""
     results = {
         "status": "diverged",
         **_run_fields(config, options),
         "step": step,
         "loss": loss,
-        "last_checkpoint_step": step,
+        "last_checkpoint_step": last_saved,
         "message": message,
         "workdir": workdir,
         **device_info(),

@@ -534,18 +534,25 @@ print("ok")
 
 @pytest.mark.slow
 def test_estimators_with_factorisations_finish_under_jaxs_default_flags():
+    result = _python(_DEFAULT_FLAGS_SCRIPT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def _python(script, xla_flags=None, timeout=120):
+    """``python -c script`` with ``XLA_FLAGS`` as given (unset: JAX's defaults)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run(
-        [sys.executable, "-c", _DEFAULT_FLAGS_SCRIPT],
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    return subprocess.run(
+        [sys.executable, "-c", script],
         check=False,
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
 
 
 def test_importing_guessgrad_after_jax_started_on_a_cpu_warns_once():
@@ -556,23 +563,7 @@ def test_importing_guessgrad_after_jax_started_on_a_cpu_warns_once():
         "    import guessgrad\n"
         "print(sum('XLA_FLAGS' in str(x.message) for x in w))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _python(script)
     assert result.stdout.strip() == "1", result.stderr
-    env["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _python(script, "--xla_cpu_enable_concurrency_optimized_scheduler=true")
     assert result.stdout.strip() == "0", result.stderr  # the user's own choice stands
