@@ -292,7 +292,7 @@ def wperp_ns(
     for name, value, least in (
         ("krylov_steps", krylov_steps, 1),
         ("block_size", block_size, 1),
-        ("degree", degree, 0),
+        ("degree", degree, 1),
     ):
         if value is None and name == "krylov_steps":
             continue
