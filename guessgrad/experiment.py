@@ -1447,7 +1447,7 @@ def _run(config: Config, signals: _Signals) -> dict[str, Any]:
     if diverged_at is not None:
         return _diverged(config, workdir, diverged_at, loss, last_saved, options)
     if blown_up is not None:
-        return _blew_up(config, workdir, *blown_up, options)
+        return _blew_up(config, workdir, *blown_up, num_steps, options)
     if signals.signum is not None and step < num_steps:
         print(
             f"[{label}] {signal.Signals(signals.signum).name} at step {step} of "
@@ -1564,12 +1564,13 @@ def _blew_up(
     step: int,
     loss: float,
     start: float,
+    num_steps: int,
     options: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Writes results.json for a run whose loss blew up but stayed finite; returns it."""
     rule = (
         "at the last evaluation"
-        if step == total_steps_of(workdir)
+        if step == num_steps
         else f"at {BLOWUP_EVALS} evaluations in a row"
     )
     message = (
@@ -1604,11 +1605,6 @@ def _write_diverged(
     _write_json(os.path.join(workdir, RESULTS_FILE), results)
     print(f"[{config.method}] diverged: {message}", file=sys.stderr)
     return json_safe(results)
-
-
-def total_steps_of(workdir: str) -> int | None:
-    """The total steps a workdir's config.json records."""
-    return _load_json(os.path.join(workdir, CONFIG_FILE)).get("total_steps")
 
 
 _SHIFTED = {"invert": "inverted", "rotate": "rotated"}
