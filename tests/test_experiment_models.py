@@ -1,7 +1,6 @@
 """The experiment runner on other models: the LocalMixer, augmentation, model specs, tfds data."""
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -166,29 +165,6 @@ def test_model_specs_name_workdirs_and_check_their_settings(tmp_path):
         and data.num_classes("cifar100") == 100
     )
     assert not os.listdir(tmp_path)
-
-
-def test_resumes_a_run_saved_before_model_specs(tmp_path):
-    # config.json of earlier versions held depth and width, no model or augment.
-    config = dataclasses.replace(
-        MIXER,
-        method="backprop",
-        model=experiment.MLPSpec(width=16),
-        steps=4,
-        eval_every=4,
-        workdir=str(tmp_path),
-    )
-    experiment.run(dataclasses.replace(config, stop_after=2))
-    path = tmp_path / "config.json"
-    record = read_json(path)
-    del record["config"]["model"], record["config"]["augment"]
-    record["config"].update(depth=3, width=16)
-    path.write_text(json.dumps(record))
-    with pytest.raises(experiment.WorkdirError, match="model"):
-        experiment.run(
-            dataclasses.replace(config, resume=True, model=experiment.MLPSpec(width=8))
-        )
-    assert experiment.run(dataclasses.replace(config, resume=True))["steps"] == 4
 
 
 def localmixer_cli(*args, timeout=120):

@@ -18,6 +18,7 @@ from orbax.checkpoint._src.path import step as step_lib
 
 import guessgrad as gg
 from guessgrad import data, experiment
+from guessgrad.experiment import workdir as experiment_workdir
 
 
 def _strict_json(path):
@@ -361,7 +362,7 @@ def test_a_second_run_on_a_locked_workdir_is_refused_before_it_touches_anything(
     tmp_path,
 ):
     config = dataclasses.replace(TINY, workdir=str(tmp_path))
-    with experiment._WorkdirLock(str(tmp_path), "first"):
+    with experiment_workdir.WorkdirLock(str(tmp_path), "first"):
         holder = (tmp_path / experiment.LOCK_FILE).read_text()
         assert f"pid {os.getpid()}" in holder
         with pytest.raises(experiment.WorkdirError, match="in use by another run"):

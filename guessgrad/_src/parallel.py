@@ -267,7 +267,10 @@ def _from_process_local(leaf: Any, sharding: NamedSharding) -> jax.Array:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every leaf of ``tree`` (params, optimiser state, a TrainState) copied to every device.
 
-    Leaves already replicated on ``mesh`` are returned as they are. With
+    Every leaf comes back with the sharding ``replicated(mesh)``, the one a
+    parallel train step's outputs have, so the step compiles once: a leaf
+    that merely sits on the mesh's one device (a single-device array) is
+    placed too. Leaves already placed so are returned as they are. With
     several processes, every process must pass the same values (the same
     seed gives the same initial state); each contributes its own copy.
     """
@@ -275,7 +278,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     multiprocess = jax.process_count() > 1
 
     def place(leaf):
-        if _is_placed(leaf, sharding):
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
             return leaf
         if multiprocess:
             return _from_process_local(leaf, sharding)
