@@ -389,9 +389,9 @@ def config_dict(
     result.options = _section(
         {name: config.options.get(name) for name in option_types()}, option_types()
     )
-    result.compare = _section(
-        {"compare": ",".join(methods) if methods else None}, {"compare": str}
-    ).compare
+    result.update(
+        _section({"compare": ",".join(methods) if methods else None}, {"compare": str})
+    )
     if pretraining is not None:
         result.pretrain = _section(dataclasses.asdict(pretraining), {})
     if name is not None:
