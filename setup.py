@@ -31,6 +31,8 @@ setuptools.setup(
         # Everything `python -m experiments.*` and `python -m benchmarks.*` use.
         "experiments": [
             "absl-py>=1.4",
+            # Experiments as config files (experiments/configs/*.py, --config).
+            "ml_collections>=0.1.1",
             "tensorflow-datasets>=4.9.4",
             "array_record>=0.5",
             "orbax-checkpoint>=0.5",
