@@ -159,12 +159,14 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-    """Steps of the checkpoints saved in ``workdir`` (empty if none)."""
+    """Steps of the finished checkpoints saved in ``workdir`` (empty if none).
+
+    Orbax's own listing: the temporary folder of a save that never finished
+    is not a checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         return []
-    return sorted(
-        int(name)
-        for name in os.listdir(directory)
-        if name.isdigit() and os.path.isdir(os.path.join(directory, name))
-    )
+    return sorted(ocp.utils.checkpoint_steps(directory))
