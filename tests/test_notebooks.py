@@ -8,6 +8,7 @@ interpreter: a ``python3`` kernelspec whose command is ``python`` runs
 checks it.
 """
 
+import ast
 import os
 import pathlib
 import sys
@@ -52,6 +53,38 @@ def test_committed_without_outputs(path):
     assert not stored, (
         f"{path.name}: cells {stored} hold outputs or execution counts; clear them "
         "(e.g. jupyter nbconvert --clear-output --inplace) so diffs stay readable"
+    )
+
+
+# Not installed with the package: a notebook on Colab has no clone of the repository.
+_REPOSITORY_ONLY = {"experiments", "tests"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_imports_only_the_installed_package(path):
+    notebook = nbformat.read(path, as_version=4)
+    imported = []
+    for i, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        # Shell and magic lines (!pip, %matplotlib) are no Python.
+        source = "\n".join(
+            "" if line.lstrip().startswith(("!", "%")) else line
+            for line in cell.source.splitlines()
+        )
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            imported += [
+                (i, name) for name in names if name.split(".")[0] in _REPOSITORY_ONLY
+            ]
+    assert not imported, (
+        f"{path.name} imports {imported} (cell, module): only the repository has them; "
+        "use guessgrad.experiment, which the package installs"
     )
 
 
