@@ -158,18 +158,8 @@ def apply_flags(config):
             continue
         value = flags.FLAGS[flag].value
         parent, key = _parent(config, path)
-        value = convert(value) if convert else value
-        with parent.unlocked() if hasattr(parent, "unlocked") else _nothing():
-            parent[key] = tuple(value) if isinstance(parent[key], tuple) else value
+        parent[key] = convert(value) if convert else value
     return config
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def quiet() -> None:
