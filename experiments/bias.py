@@ -11,6 +11,7 @@ cosine of the mean with that example's true gradient
 activation perturbation) keep rising towards 1; biased ones (W^T, mixing)
 saturate at the cosine of their expectation. Prints the curve per method
 (mean over the examples), and writes bias.json, bias.md and bias.png.
+Its settings are ``experiments/configs/bias.py``'s fields, each a flag.
 """
 
 from __future__ import annotations
@@ -21,23 +22,25 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
 
 import guessgrad as gg
-from experiments import measuring
+from experiments import common, measuring
+from experiments.configs.bias import get_config
 from guessgrad import metrics
 
-FLAGS = flags.FLAGS
 NAME = "bias"
-
-measuring.define_flags(
-    steps=100,
-    methods="directional,activation_perturbation,mixing,wt",
-    depth=3,
-    width=256,
+# This measurement's own fields, each a flag of its name: their help.
+HELP = {
+    "max_guesses": "The largest K.",
+    "examples": "Examples whose curves are averaged.",
+}
+common.define_flags(
+    get_config(),
+    {**measuring.FIELDS, **{name: name for name in HELP}},
+    help={**measuring.HELP, **HELP},
 )
-flags.DEFINE_integer("max_guesses", 1000, "The largest K.")
-flags.DEFINE_integer("examples", 4, "Examples whose curves are averaged.")
+measuring.one_of("model", measuring.MODELS)
 
 
 def ks(max_guesses: int) -> tuple[int, ...]:
@@ -84,17 +87,18 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        methods = measuring.parse_methods()
-        if FLAGS.max_guesses < 1 or FLAGS.examples < 1:
+        config = common.apply_flags(get_config())
+        methods = measuring.parse_methods(config)
+        if config.max_guesses < 1 or config.examples < 1:
             raise ValueError("--max_guesses and --examples must be at least 1.")
-        path = measuring.prepare_workdir(NAME)
-        setup = measuring.setup(methods)
-        methods = [v.label for v in measuring.variants(methods)]
+        path = measuring.prepare_workdir(config, NAME)
+        setup = measuring.setup(config, methods)
+        methods = [v.label for v in measuring.variants(config, methods)]
     except (ValueError, TypeError) as err:
         return measuring.fail(NAME, err)
-    grid = ks(FLAGS.max_guesses)
-    params = measuring.trained_params(setup)
-    batch = setup.batch(FLAGS.steps)
+    grid = ks(config.max_guesses)
+    params = measuring.trained_params(config, setup)
+    batch = setup.batch(config.steps)
     curves = {}
     for method in methods:
         curve = jax.jit(
@@ -110,10 +114,10 @@ def main(argv: Sequence[str]) -> int:
                 curve(
                     params,
                     jax.tree.map(lambda x, i=i: x[i : i + 1], batch),
-                    jax.random.key(FLAGS.seed + 1 + i),
+                    jax.random.key(config.seed + 1 + i),
                 )
             )
-            for i in range(FLAGS.examples)
+            for i in range(config.examples)
         ]
         curves[method] = np.mean(per_example, axis=0).tolist()
         print(
@@ -121,15 +125,15 @@ def main(argv: Sequence[str]) -> int:
             + ", ".join(f"K={k} {c:.3f}" for k, c in zip(grid, curves[method]))
         )
     analytic = []
-    if FLAGS.model == "mlp":
+    if config.model == "mlp":
         analytic = [
             analytic_wt(setup, params, jax.tree.map(lambda x, i=i: x[i : i + 1], batch))
-            for i in range(FLAGS.examples)
+            for i in range(config.examples)
         ]
     results = {
         "experiment": NAME,
-        "settings": measuring.settings()
-        | {"max_guesses": FLAGS.max_guesses, "examples": FLAGS.examples},
+        "settings": measuring.settings(config)
+        | {"max_guesses": config.max_guesses, "examples": config.examples},
         "methods": methods,
         "ks": list(grid),
         "curves": curves,
@@ -180,11 +184,11 @@ def main(argv: Sequence[str]) -> int:
         xscale="log",
         xlabel="guesses averaged (K)",
         ylabel="cosine of the mean with the gradient",
-        title=f"bias: {results['settings']['model_label']}, {FLAGS.examples} examples",
+        title=f"bias: {results['settings']['model_label']}, {config.examples} examples",
     )
     measuring.style(ax)
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(NAME)
+    measuring.paper_hint(config, NAME)
     return 0
 
 

@@ -1,9 +1,9 @@
 r"""The paper's Figure 3 (middle and right): is a low cosine enough, and what does bias cost?
 
     python -m experiments.bias_training               # 3x256 MLP, W^T against the oracle, 3 optimisers
-    python -m experiments.bias_training --method=mixing --dataset=cifar10 --steps=5000
+    python -m experiments.bias_training --methods=mixing --dataset=cifar10 --steps=5000
 
-Measures the mean cosine of ``--method``'s estimate with the true gradient at
+Measures the mean cosine of ``--methods``' estimate with the true gradient at
 initialisation (:func:`guessgrad.metrics.estimate_cosines`, over a few
 batches; in ``--mode``, default joint, the paper's estimator), then trains, with the one training loop of every experiment
 (:func:`guessgrad.experiment.run`), both ``--method`` and ``oracle_angle`` at
@@ -14,6 +14,7 @@ method's are not, bias (not the angle) is what holds the method back; the
 paper finds momentum makes bias hurt more. Prints the table and writes
 bias_training.json, bias_training.md and bias_training.png (train loss vs
 step, one panel per optimiser); each run is in ``<workdir>/<optimizer>/<method>``.
+Its settings are ``experiments/configs/bias_training.py``'s fields, each a flag.
 """
 
 from __future__ import annotations
@@ -24,34 +25,34 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
 
-from experiments import measuring
+from experiments import common, measuring
+from experiments.configs.bias_training import get_config
 from guessgrad import experiment, metrics
 
-FLAGS = flags.FLAGS
 NAME = "bias_training"
 OPTIMIZERS = ("sgd", "momentum", "adamw")
-
-measuring.define_flags(steps=500, methods="wt", depth=3, width=256)
-flags.DEFINE_float("sgd_learning_rate", 0.1, "Step size of plain SGD.")
-flags.DEFINE_float(
-    "momentum_learning_rate", 0.01, "Step size of SGD with momentum 0.9."
+SCALES = ("directional", "gradient")
+# This measurement's own fields, each a flag of its name: their help.
+HELP = {
+    "sgd_learning_rate": "Step size of plain SGD.",
+    "momentum_learning_rate": "Step size of SGD with momentum 0.9.",
+    "adamw_learning_rate": "Step size of AdamW.",
+    "cosine_batches": "Batches the method's cosine is averaged over.",
+    "oracle_scale": "oracle_angle's step: directional, the paper's (g.u)u along the "
+    "unit guess u (cosine times the gradient's norm); gradient, the gradient's norm.",
+}
+common.define_flags(
+    get_config(),
+    {**measuring.FIELDS, **{name: name for name in HELP}},
+    help={**measuring.HELP, **HELP},
 )
-flags.DEFINE_float("adamw_learning_rate", 1e-3, "Step size of AdamW.")
-flags.DEFINE_integer(
-    "cosine_batches", 4, "Batches the method's cosine is averaged over."
-)
-flags.DEFINE_enum(
-    "oracle_scale",
-    "directional",
-    ["directional", "gradient"],
-    "oracle_angle's step: directional, the paper's (g.u)u along the unit guess u "
-    "(cosine times the gradient's norm); gradient, the gradient's norm.",
-)
+measuring.one_of("model", measuring.MODELS)
+measuring.one_of("oracle_scale", SCALES)
 
 
-def measured_cosine(setup: measuring.Setup, method: str) -> float:
+def measured_cosine(config, setup: measuring.Setup, method: str) -> float:
     """The method's mean cosine with the true gradient at initialisation."""
     fn = jax.jit(
         lambda p, b, k: metrics.estimate_cosines(
@@ -59,8 +60,8 @@ def measured_cosine(setup: measuring.Setup, method: str) -> float:
         )["cosine"]
     )
     values = [
-        float(fn(setup.params, setup.batch(i), jax.random.key(FLAGS.seed + i)))
-        for i in range(FLAGS.cosine_batches)
+        float(fn(setup.params, setup.batch(i), jax.random.key(config.seed + i)))
+        for i in range(config.cosine_batches)
     ]
     return float(np.mean(values))
 
@@ -69,32 +70,33 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        methods = measuring.parse_methods()
+        config = common.apply_flags(get_config())
+        methods = measuring.parse_methods(config)
         if len(methods) != 1 or methods[0] == "oracle_angle":
             raise ValueError("--methods names one guessing method (e.g. wt).")
-        if len(measuring.modes()) != 1:
+        if len(measuring.modes(config)) != 1:
             raise ValueError("--mode names one mode here (default joint, the paper's).")
-        (variant,) = measuring.variants(methods)
+        (variant,) = measuring.variants(config, methods)
         method = methods[0]
-        path = measuring.prepare_workdir(NAME)
-        setup = measuring.setup(methods)
+        path = measuring.prepare_workdir(config, NAME)
+        setup = measuring.setup(config, methods)
         rates = {
-            "sgd": FLAGS.sgd_learning_rate,
-            "momentum": FLAGS.momentum_learning_rate,
-            "adamw": FLAGS.adamw_learning_rate,
+            "sgd": config.sgd_learning_rate,
+            "momentum": config.momentum_learning_rate,
+            "adamw": config.adamw_learning_rate,
         }
         base = experiment.Config(
-            dataset=FLAGS.dataset,
-            data_dir=FLAGS.data_dir,
+            dataset=config.dataset,
+            data_dir=config.data_dir,
             model=setup.spec,
-            batch_size=FLAGS.batch_size,
-            steps=FLAGS.steps,
-            eval_every=max(FLAGS.steps // 5, 1),
-            log_every=max(FLAGS.steps // 50, 1),
-            seed=FLAGS.seed,
+            batch_size=config.batch_size,
+            steps=config.steps,
+            eval_every=max(config.steps // 5, 1),
+            log_every=max(config.steps // 50, 1),
+            seed=config.seed,
             progress=False,
         )
-        cosine = measured_cosine(setup, method)
+        cosine = measured_cosine(config, setup, method)
         print(f"[{NAME}] {method}'s mean cosine at initialisation: {cosine:.4f}")
         configs = {
             (opt, name): dataclasses.replace(
@@ -103,7 +105,7 @@ def main(argv: Sequence[str]) -> int:
                 optimizer=opt,
                 learning_rate=rates[opt],
                 options=(
-                    {"cosine": cosine, "scale": FLAGS.oracle_scale}
+                    {"cosine": cosine, "scale": config.oracle_scale}
                     if name == "oracle_angle"
                     else variant.options
                 ),
@@ -112,14 +114,16 @@ def main(argv: Sequence[str]) -> int:
             for opt in OPTIMIZERS
             for name in (method, "oracle_angle")
         }
-        for config in configs.values():
-            experiment.validate(config)
+        for run_config in configs.values():
+            experiment.validate(run_config)
     except (ValueError, TypeError) as err:
         return measuring.fail(NAME, err)
     runs = {}
-    for (opt, name), config in configs.items():
-        results = experiment.run(config)
-        records = experiment.read_metrics(os.path.join(config.workdir, "metrics.jsonl"))
+    for (opt, name), run_config in configs.items():
+        results = experiment.run(run_config)
+        records = experiment.read_metrics(
+            os.path.join(run_config.workdir, "metrics.jsonl")
+        )
         runs[f"{opt}/{name}"] = {
             "optimizer": opt,
             "method": name,
@@ -130,12 +134,12 @@ def main(argv: Sequence[str]) -> int:
         }
     results = {
         "experiment": NAME,
-        "settings": measuring.settings()
+        "settings": measuring.settings(config)
         | {
             "method": method,
             "options": variant.options,
             "cosine": cosine,
-            "oracle_scale": FLAGS.oracle_scale,
+            "oracle_scale": config.oracle_scale,
             "learning_rates": dict(rates),
         },
         "runs": runs,
@@ -165,7 +169,7 @@ def main(argv: Sequence[str]) -> int:
             ]
         )
     text = measuring.markdown(header, rows)
-    print(f"oracle_angle ({FLAGS.oracle_scale} step) at cosine {cosine:.4f}\n{text}")
+    print(f"oracle_angle ({config.oracle_scale} step) at cosine {cosine:.4f}\n{text}")
     fig, axes = measuring.figure(len(OPTIMIZERS), width=4.0)
     for ax, opt in zip(axes, OPTIMIZERS):
         for name in (method, "oracle_angle"):
@@ -174,7 +178,7 @@ def main(argv: Sequence[str]) -> int:
         ax.set(xlabel="step", ylabel="train loss", yscale="log", title=f"{opt}")
     measuring.style(axes)
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(NAME, steps=5000)
+    measuring.paper_hint(config, NAME, steps=5000)
     return 0
 
 

@@ -17,6 +17,7 @@ layer; ``per_layer`` takes one per site, a larger cosine the paper does not
 report. Prints the table (means over the trajectory, the paper's numbers
 beside the joint rows), and writes cosine.json,
 cosine.md and cosine.png (cosine vs step, log scale) to the workdir.
+Its settings are ``experiments/configs/cosine.py``'s fields, each a flag.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
 
-from experiments import measuring
+from experiments import common, measuring
+from experiments.configs.cosine import get_config
 from guessgrad import metrics
 
-FLAGS = flags.FLAGS
 NAME = "cosine"
 # Figure 1 of the paper (6x1024 MLP, CIFAR-10): cosine and one-step effectiveness.
 PAPER = {
@@ -41,25 +42,29 @@ PAPER = {
     "wt": (0.030, 1.7e-3),
 }
 
-measuring.define_flags(
-    steps=300,
-    methods="directional,activation_perturbation,mixing,wt",
-    mode="joint,per_layer",
+# This measurement's own fields, each a flag of its name: their help.
+HELP = {
+    "points": "Trajectory points measured (0 and --steps included).",
+    "num_keys": "Independent guesses averaged per cosine.",
+    "examples": "Examples of each batch for per-example cosines.",
+}
+common.define_flags(
+    get_config(),
+    {**measuring.FIELDS, **{name: name for name in HELP}},
+    help={**measuring.HELP, **HELP},
 )
-flags.DEFINE_integer(
-    "points", 6, "Trajectory points measured (0 and --steps included)."
-)
-flags.DEFINE_integer("num_keys", 4, "Independent guesses averaged per cosine.")
-flags.DEFINE_integer("examples", 16, "Examples of each batch for per-example cosines.")
+measuring.one_of("model", measuring.MODELS)
 
 
-def measure_point(setup: measuring.Setup, method: str, params, batch, key) -> dict:
+def measure_point(
+    config, setup: measuring.Setup, method: str, params, batch, key
+) -> dict:
     """Every measurement of one method at one point (jitted per method)."""
     estimator, true_grad = setup.estimators[method], setup.true_grad_fn
     cos = metrics.estimate_cosines(
-        estimator, true_grad, params, batch, key, FLAGS.num_keys
+        estimator, true_grad, params, batch, key, config.num_keys
     )
-    examples = jax.tree.map(lambda x: x[: FLAGS.examples], batch)
+    examples = jax.tree.map(lambda x: x[: config.examples], batch)
     per_example = metrics.per_example_cosines(
         estimator, true_grad, params, examples, key
     )
@@ -211,17 +216,20 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        methods = measuring.parse_methods()
-        variants = measuring.variants(methods)
-        path = measuring.prepare_workdir(NAME)
-        setup = measuring.setup(methods)
+        config = common.apply_flags(get_config())
+        methods = measuring.parse_methods(config)
+        variants = measuring.variants(config, methods)
+        path = measuring.prepare_workdir(config, NAME)
+        setup = measuring.setup(config, methods)
     except (ValueError, TypeError) as err:
         return measuring.fail(NAME, err)
     labels = [v.label for v in variants]
-    measure = {m: jax.jit(functools.partial(measure_point, setup, m)) for m in labels}
+    measure = {
+        m: jax.jit(functools.partial(measure_point, config, setup, m)) for m in labels
+    }
     points = []
-    key = jax.random.key(FLAGS.seed + 1)
-    for step, params in measuring.trajectory(setup, FLAGS.points):
+    key = jax.random.key(config.seed + 1)
+    for step, params in measuring.trajectory(config, setup, config.points):
         batch = setup.batch(step)
         point_key = jax.random.fold_in(key, step)
         values = {
@@ -235,11 +243,11 @@ def main(argv: Sequence[str]) -> int:
         )
     results = {
         "experiment": NAME,
-        "settings": measuring.settings()
+        "settings": measuring.settings(config)
         | {
-            "points": FLAGS.points,
-            "num_keys": FLAGS.num_keys,
-            "examples": FLAGS.examples,
+            "points": config.points,
+            "num_keys": config.num_keys,
+            "examples": config.examples,
         },
         "methods": labels,
         "variants": {v.label: {"method": v.method, **v.options} for v in variants},
@@ -251,7 +259,7 @@ def main(argv: Sequence[str]) -> int:
     text = table(results, variants)
     print(text)
     measuring.save(path, NAME, results, text, plot(results, labels))
-    measuring.paper_hint(NAME, steps=3000, points=30)
+    measuring.paper_hint(config, NAME, steps=3000, points=30)
     return 0
 
 

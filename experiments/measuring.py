@@ -1,13 +1,15 @@
-"""What the measurement experiments share: flags, a backprop trajectory, outputs.
+"""What the measurement experiments share: settings, flags, a backprop trajectory, outputs.
 
 The paper's measurements (``experiments/cosine.py``, ``experiments/bias.py``)
-are made on a network along a backprop training trajectory. This module sets
-up the model (an MLP by default, ``--model=localmixer`` for the tiny
-LocalMixer: any :class:`guessgrad.experiment.ModelSpec`), the data, the
-estimators with the model's loss and trainable subset, trains by backprop and
-yields the points to measure at, and writes each experiment's JSON, table and
-figure to its workdir. The measurements themselves are
-:mod:`guessgrad.metrics`.
+are made on a network along a backprop training trajectory. Each is a config
+file (``experiments/configs/<name>.py``: :func:`base_config` and the
+measurement's own fields) whose fields are its flags (:data:`FIELDS`, with
+:data:`HELP`). This module sets up the model (an MLP by default,
+``--model=localmixer`` for the tiny LocalMixer: any
+:class:`guessgrad.experiment.ModelSpec`), the data, the estimators with the
+model's loss and trainable subset, trains by backprop and yields the points
+to measure at, and writes each experiment's JSON, table and figure to its
+workdir. The measurements themselves are :mod:`guessgrad.metrics`.
 """
 
 from __future__ import annotations
@@ -22,44 +24,83 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from absl import flags, logging
+from absl import flags
+from ml_collections import config_dict
 
 import guessgrad as gg
 from experiments import common  # before jax: the XLA flags
 from guessgrad import data, experiment
 
-FLAGS = flags.FLAGS
 MODELS = ("mlp", "localmixer")
 
 
-def define_flags(
-    *, steps: int, methods: str, depth: int = 6, width: int = 1024, mode: str = "joint"
-) -> None:
-    """The measurement flags, with every estimator option (``--mode`` a list)."""
-    flags.DEFINE_enum("model", "mlp", MODELS, "The network measured.")
-    flags.DEFINE_list(
-        "mode",
-        mode,
-        f"Derivative modes measured for activation-space methods, comma-separated "
-        f"({', '.join(gg.MODES)}): joint is the paper's estimator (one directional "
-        f"derivative per example across every layer), per_layer one per site.",
+def base_config(
+    *,
+    steps: int,
+    methods: str,
+    depth: int = 6,
+    width: int = 1024,
+    mode: Sequence[str] = ("joint",),
+):
+    """The settings every measurement has, a ConfigDict its config file adds to.
+
+    ``options`` holds every estimator option but ``mode`` (``None``: the
+    estimator's default); ``mode`` lists the modes measured.
+    """
+    config = config_dict.ConfigDict()
+    config.model = "mlp"
+    config.depth = depth
+    config.width = width
+    config.config = "tiny"
+    config.dataset = data.DEFAULT_DATASET
+    config.data_dir = config_dict.placeholder(str)
+    config.batch_size = 128
+    config.steps = steps
+    config.learning_rate = 1e-3
+    config.methods = methods
+    config.mode = list(mode)
+    config.seed = 0
+    config.workdir = config_dict.placeholder(str)
+    config.options = config_dict.ConfigDict()
+    for name, kind in experiment.option_types().items():
+        if name != "mode":
+            config.options[name] = config_dict.placeholder(kind)
+    return config
+
+
+# The help of base_config's fields (an estimator option's is common.HELP's).
+HELP = {
+    "model": f"The network measured: {' or '.join(MODELS)}.",
+    "depth": "MLP: linear layers.",
+    "width": "MLP: hidden units per layer.",
+    "config": "LocalMixer: a named size.",
+    "dataset": f"One of {', '.join(data.DATASETS)}.",
+    "data_dir": "tfds data directory.",
+    "batch_size": "Examples per batch.",
+    "steps": "Backprop training steps of the trajectory.",
+    "learning_rate": "AdamW step size of the trajectory.",
+    "methods": "Comma-separated estimator names to measure.",
+    "mode": "Derivative modes measured for activation-space methods, comma-separated "
+    f"({', '.join(gg.MODES)}): joint is the paper's estimator (one directional "
+    "derivative per example across every layer), per_layer one per site.",
+    "seed": "Seeds initialisation, data order and guesses.",
+    "workdir": "Output directory (default under runs/).",
+}
+# Their flags: flag name -> config field; each estimator option named as the
+# training commands name it, but --mode (the list above).
+FIELDS = {
+    **{name: name for name in HELP},
+    **{f: field for f, field in common.OPTION_FLAGS.items() if field != "options.mode"},
+}
+
+
+def one_of(flag: str, choices: Sequence[str]) -> None:
+    """``--<flag>`` must be one of ``choices``: checked as the command line is parsed."""
+    flags.register_validator(
+        flag,
+        lambda value: value in choices,
+        message=f"value should be one of <{'|'.join(choices)}>",
     )
-    common.define_option_flags(exclude=("mode",))
-    flags.DEFINE_integer("depth", depth, "MLP: linear layers.")
-    flags.DEFINE_integer("width", width, "MLP: hidden units per layer.")
-    flags.DEFINE_string("config", "tiny", "LocalMixer: a named size.")
-    flags.DEFINE_string(
-        "dataset", data.DEFAULT_DATASET, f"One of {', '.join(data.DATASETS)}."
-    )
-    flags.DEFINE_string("data_dir", None, "tfds data directory.")
-    flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
-    flags.DEFINE_integer("steps", steps, "Backprop training steps of the trajectory.")
-    flags.DEFINE_float("learning_rate", 1e-3, "AdamW step size of the trajectory.")
-    flags.DEFINE_string(
-        "methods", methods, "Comma-separated estimator names to measure."
-    )
-    flags.DEFINE_integer("seed", 0, "Seeds initialisation, data order and guesses.")
-    flags.DEFINE_string("workdir", None, "Output directory (default under runs/).")
 
 
 @dataclasses.dataclass
@@ -78,20 +119,20 @@ class Setup:
         return self.loader.batch(step)
 
 
-def model_spec() -> experiment.ModelSpec:
-    if FLAGS.model == "mlp":
-        return experiment.MLPSpec(depth=FLAGS.depth, width=FLAGS.width)
-    return experiment.LocalMixerSpec(config=FLAGS.config)
+def model_spec(config) -> experiment.ModelSpec:
+    if config.model == "mlp":
+        return experiment.MLPSpec(depth=config.depth, width=config.width)
+    return experiment.LocalMixerSpec(config=config.config)
 
 
-def parse_methods() -> list[str]:
-    methods = experiment.parse_methods(FLAGS.methods)
+def parse_methods(config) -> list[str]:
+    methods = experiment.parse_methods(config.methods)
     return [m for m in methods if m != "backprop"]
 
 
-def modes() -> list[str]:
+def modes(config) -> list[str]:
     """``--mode`` checked: a non-empty list of distinct modes."""
-    chosen = list(FLAGS.mode)
+    chosen = list(config.mode)
     bad = [m for m in chosen if m not in gg.MODES]
     if bad or not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(
@@ -114,17 +155,18 @@ class Variant:
         return self.options.get("mode")
 
 
-def variants(methods: Sequence[str]) -> list[Variant]:
-    """Each method with the option flags it takes, once per ``--mode`` if it has modes.
+def variants(config, methods: Sequence[str]) -> list[Variant]:
+    """Each method with the options of ``config`` it takes, once per ``--mode`` if it has modes.
 
     With one mode a variant's label is the method's name; with several,
-    ``"<method> (<mode>)"``.
+    ``"<method> (<mode>)"``. An option set that no method takes is a ValueError.
     """
-    chosen = modes()
-    common.estimator_options(methods or ["backprop"])  # a flag no method takes: error
+    chosen = modes(config)
+    given = {name: value for name, value in config.options.items() if value is not None}
+    experiment.check_options(methods or ["backprop"], given)
     out = []
     for method in methods:
-        options = common.options_for(method)
+        options = experiment.options_for(method, given)
         if "mode" not in gg.estimator_options(method):
             out.append(Variant(method, method, options))
             continue
@@ -134,21 +176,23 @@ def variants(methods: Sequence[str]) -> list[Variant]:
     return out
 
 
-def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Setup:
+def setup(
+    config, methods: Sequence[str], options: dict[str, dict] | None = None
+) -> Setup:
     """Builds the model, loads the data and every estimator: backprop and each of :func:`variants`.
 
     ``Setup.estimators`` is keyed by the variants' labels; ``options``
-    (label -> options) adds to or overrides what the flags set.
+    (label -> options) adds to or overrides what ``config`` sets.
     """
-    spec = model_spec()
-    spec.validate(data.image_shape(FLAGS.dataset))
-    dataset = data.load(FLAGS.dataset, FLAGS.data_dir)
+    spec = model_spec(config)
+    spec.validate(data.image_shape(config.dataset))
+    dataset = data.load(config.dataset, config.data_dir)
     model = spec.build(dataset.num_classes)
-    init_key, data_key = jax.random.split(jax.random.key(FLAGS.seed))
+    init_key, data_key = jax.random.split(jax.random.key(config.seed))
     loader = data.Loader(
         dataset.train_images,
         dataset.train_labels,
-        FLAGS.batch_size,
+        config.batch_size,
         data_key,
         flatten=spec.flatten,
     )
@@ -156,7 +200,7 @@ def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Set
     args = {**spec.estimator_args(), "trainable": spec.trainable()}
     options = options or {}
     estimators = {"backprop": gg.get_estimator("backprop", model, **args)}
-    for v in variants(methods):
+    for v in variants(config, methods):
         estimators[v.label] = gg.get_estimator(
             v.method, model, **args, **{**v.options, **options.get(v.label, {})}
         )
@@ -178,7 +222,7 @@ def setup(methods: Sequence[str], options: dict[str, dict] | None = None) -> Set
 
 
 def trajectory(
-    setup: Setup, points: int, estimator=None, optimizer=None
+    config, setup: Setup, points: int, estimator=None, optimizer=None
 ) -> Iterator[tuple[int, Any]]:
     """Trains for ``--steps``; yields ``(step, params)`` at ``points`` steps.
 
@@ -188,7 +232,7 @@ def trajectory(
     ``--steps`` (both included when ``points > 1``).
     """
     if optimizer is None:
-        optimizer = optax.adamw(FLAGS.learning_rate)
+        optimizer = optax.adamw(config.learning_rate)
     if estimator is None:
         estimator = gg.get_estimator(
             "backprop",
@@ -198,12 +242,12 @@ def trajectory(
             has_aux=True,
         )
     step_fn = gg.make_train_step(estimator, optimizer, has_aux=True)
-    state = gg.init_train_state(setup.params, optimizer, jax.random.key(FLAGS.seed))
-    at = sorted({round(i * FLAGS.steps / max(points - 1, 1)) for i in range(points)})
-    for step in range(FLAGS.steps + 1):
+    state = gg.init_train_state(setup.params, optimizer, jax.random.key(config.seed))
+    at = sorted({round(i * config.steps / max(points - 1, 1)) for i in range(points)})
+    for step in range(config.steps + 1):
         if step in at:
             yield step, state.params
-        if step < FLAGS.steps:
+        if step < config.steps:
             state, metrics = step_fn(state, setup.batch(step))
             if step % 50 == 0 and not bool(metrics["finite"]):
                 raise FloatingPointError(
@@ -212,43 +256,43 @@ def trajectory(
                 )
 
 
-def trained_params(setup: Setup):
+def trained_params(config, setup: Setup):
     """The parameters after ``--steps`` backprop steps."""
     params = setup.params
-    for _, params in trajectory(setup, 2):
+    for _, params in trajectory(config, setup, 2):
         pass
     return params
 
 
-def workdir(name: str) -> str:
-    if FLAGS.workdir:
-        return os.path.abspath(FLAGS.workdir)
-    slug = model_spec().slug
+def workdir(config, name: str) -> str:
+    if config.workdir:
+        return os.path.abspath(config.workdir)
+    slug = model_spec(config).slug
     return os.path.abspath(
-        os.path.join("runs", f"{FLAGS.dataset}-{name}-{slug}-seed{FLAGS.seed}")
+        os.path.join("runs", f"{config.dataset}-{name}-{slug}-seed{config.seed}")
     )
 
 
-def prepare_workdir(name: str) -> str:
+def prepare_workdir(config, name: str) -> str:
     """Checks and creates the workdir (and quiets JAX's and Orbax's INFO lines)."""
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    path = workdir(name)
+    common.quiet()
+    path = workdir(config, name)
     experiment.check_workdir(path)
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def settings() -> dict[str, Any]:
-    """The flags every measurement records."""
+def settings(config) -> dict[str, Any]:
+    """The settings every measurement records."""
+    spec = model_spec(config)
     return {
-        "model": model_spec().to_json(),
-        "model_label": model_spec().label,
-        "dataset": FLAGS.dataset,
-        "batch_size": FLAGS.batch_size,
-        "steps": FLAGS.steps,
-        "learning_rate": FLAGS.learning_rate,
-        "seed": FLAGS.seed,
+        "model": spec.to_json(),
+        "model_label": spec.label,
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "steps": config.steps,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
         "device": experiment.device_info(),
     }
 
@@ -302,12 +346,12 @@ def style(axes) -> None:
         ax.legend(fontsize=8)
 
 
-def paper_hint(name: str, **settings: Any) -> None:
+def paper_hint(config, name: str, **settings: Any) -> None:
     """Prints the command of the paper's setting (:data:`PAPER_MLP` and ``settings``)
-    when these flags differ from it."""
+    when ``config`` differs from it."""
     paper = {**PAPER_MLP, **settings}
-    if FLAGS.model != "mlp" or all(
-        FLAGS[flag].value == value for flag, value in paper.items()
+    if config.model != "mlp" or all(
+        config[field] == value for field, value in paper.items()
     ):
         return
     args = " ".join(f"--{flag}={value}" for flag, value in paper.items())
@@ -326,12 +370,15 @@ def fail(name: str, err: Exception) -> int:
 
 
 __all__ = [
+    "FIELDS",
+    "HELP",
     "Setup",
     "Variant",
-    "define_flags",
+    "base_config",
     "figure",
     "markdown",
     "number",
+    "one_of",
     "paper_hint",
     "parse_methods",
     "percent",

@@ -23,6 +23,7 @@ Two parts, both trained with StableAdamW (the paper's optimiser for them):
 A third panel keeps the static sweep: the W^T guess through ``U S^p V^T``
 at the last method's final weights, its cosine and effective rank against
 p. Prints the tables and writes self_sharpening.json, .md and .png.
+Its settings are ``experiments/configs/self_sharpening.py``'s fields, each a flag.
 """
 
 from __future__ import annotations
@@ -32,31 +33,29 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
 
 import guessgrad as gg
-from experiments import measuring
+from experiments import common, measuring
+from experiments.configs.self_sharpening import get_config
 from guessgrad import experiment, metrics
 
-FLAGS = flags.FLAGS
 NAME = "self_sharpening"
-
-measuring.define_flags(steps=500, methods="self_sharpening,wt", depth=3, width=256)
-flags.DEFINE_integer("points", 5, "Checkpoints measured along training.")
-flags.DEFINE_list(
-    "powers",
-    ["0.1", "0.25", "0.5", "1", "2", "4"],
-    "MLP: singular-value powers p of the W^T guess through U S^p V^T.",
+# This measurement's own fields, each a flag of its name: their help.
+HELP = {
+    "points": "Checkpoints measured along training.",
+    "powers": "MLP: singular-value powers p of the W^T guess through U S^p V^T.",
+    "train_learning_rate": "StableAdamW step size of the guessed training runs "
+    "(the paper: 1e-4 over 50,000 steps).",
+    "optimizer": "Optimiser of the methods' runs (the paper's).",
+}
+common.define_flags(
+    get_config(),
+    {**measuring.FIELDS, **{name: name for name in HELP}},
+    help={**measuring.HELP, **HELP},
+    convert={"powers": lambda powers: [float(p) for p in powers]},
 )
-flags.DEFINE_float(
-    "train_learning_rate",
-    1e-3,
-    "StableAdamW step size of the guessed training runs (the paper: 1e-4 over 50,000 "
-    "steps).",
-)
-flags.DEFINE_string(
-    "optimizer", "stable_adamw", "Optimiser of the methods' runs (the paper's)."
-)
+measuring.one_of("model", measuring.MODELS)
 
 
 def powered_estimator(model, p: float):
@@ -115,29 +114,29 @@ def measure(setup: measuring.Setup, estimate, params, step: int) -> dict:
     }
 
 
-def powered_training(setup: measuring.Setup, p: float) -> list[dict]:
+def powered_training(config, setup: measuring.Setup, p: float) -> list[dict]:
     """Trains with the W^T guess through ``U S^p V^T`` (StableAdamW, no weight decay)."""
-    optimizer = gg.stable_adamw(FLAGS.train_learning_rate, weight_decay=0.0)
+    optimizer = gg.stable_adamw(config.train_learning_rate, weight_decay=0.0)
     estimate = jax.jit(powered_wt(setup.model, p))
     points = []
     for step, params in measuring.trajectory(
-        setup, FLAGS.points + 1, powered_estimator(setup.model, p), optimizer
+        config, setup, config.points + 1, powered_estimator(setup.model, p), optimizer
     ):
         points.append(measure(setup, estimate, params, step))
     return points
 
 
-def power_sweep(setup: measuring.Setup, params, powers) -> list[dict]:
-    """Cosine with the gradient and mean effective rank of the powered W's, per p."""
-    batch = setup.batch(FLAGS.steps)
+def power_sweep(config, setup: measuring.Setup, params) -> list[dict]:
+    """Cosine with the gradient and mean effective rank of the powered W's, per p of ``--powers``."""
+    batch = setup.batch(config.steps)
     out = []
-    for p in powers:
+    for p in config.powers:
         cosine = metrics.estimate_cosines(
             powered_wt(setup.model, p),
             setup.true_grad_fn,
             params,
             batch,
-            jax.random.key(FLAGS.seed),
+            jax.random.key(config.seed),
             4,
         )["cosine"]
         kernels = [layer["kernel"] for layer in params["params"].values()][1:]
@@ -155,46 +154,47 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        methods = measuring.parse_methods()
-        if FLAGS.points < 1:
+        config = common.apply_flags(get_config())
+        methods = measuring.parse_methods(config)
+        if config.points < 1:
             raise ValueError("--points must be at least 1.")
-        if len(measuring.modes()) != 1:
+        if len(measuring.modes(config)) != 1:
             raise ValueError("--mode names one mode here (default joint, the paper's).")
-        variants = {v.label: v for v in measuring.variants(methods)}
-        path = measuring.prepare_workdir(NAME)
-        setup = measuring.setup(methods)
-        every = max(FLAGS.steps // FLAGS.points, 1)
+        variants = {v.label: v for v in measuring.variants(config, methods)}
+        path = measuring.prepare_workdir(config, NAME)
+        setup = measuring.setup(config, methods)
+        every = max(config.steps // config.points, 1)
         configs = {
             m: experiment.Config(
                 method=m,
-                dataset=FLAGS.dataset,
-                data_dir=FLAGS.data_dir,
+                dataset=config.dataset,
+                data_dir=config.data_dir,
                 model=setup.spec,
-                optimizer=FLAGS.optimizer,
+                optimizer=config.optimizer,
                 options=variants[m].options,
-                learning_rate=FLAGS.train_learning_rate,
-                batch_size=FLAGS.batch_size,
-                steps=FLAGS.steps,
+                learning_rate=config.train_learning_rate,
+                batch_size=config.batch_size,
+                steps=config.steps,
                 eval_every=every,
                 log_every=max(every // 10, 1),
-                keep_checkpoints=FLAGS.points + 1,
-                seed=FLAGS.seed,
+                keep_checkpoints=config.points + 1,
+                seed=config.seed,
                 progress=False,
                 workdir=os.path.join(path, m),
             )
             for m in methods
         }
-        for config in configs.values():
-            experiment.validate(config)
+        for run_config in configs.values():
+            experiment.validate(run_config)
     except (ValueError, TypeError) as err:
         return measuring.fail(NAME, err)
     runs = {}
-    for method, config in configs.items():
-        results = experiment.run(config)
+    for method, run_config in configs.items():
+        results = experiment.run(run_config)
         estimate = jax.jit(setup.estimators[method])
         points = []
-        for step in experiment.checkpoint_steps(config.workdir):
-            params, _ = experiment.load_params(config.workdir, step)
+        for step in experiment.checkpoint_steps(run_config.workdir):
+            params, _ = experiment.load_params(run_config.workdir, step)
             point = measure(setup, estimate, params, step)
             point["effective_ranks"] = {
                 name: float(r) for name, r in metrics.effective_ranks(params).items()
@@ -206,10 +206,9 @@ def main(argv: Sequence[str]) -> int:
             "points": points,
         }
     powered, sweep = {}, []
-    if FLAGS.model == "mlp" and FLAGS.depth > 1:
-        powers = [float(p) for p in FLAGS.powers]
-        for p in powers:
-            powered[f"{p:g}"] = powered_training(setup, p)
+    if config.model == "mlp" and config.depth > 1:
+        for p in config.powers:
+            powered[f"{p:g}"] = powered_training(config, setup, p)
             last = powered[f"{p:g}"][-1]
             print(
                 f"[{NAME}] p={p:g}: cosine {last['cosine']:.3f}, weight rank "
@@ -217,10 +216,10 @@ def main(argv: Sequence[str]) -> int:
                 f"at step {last['step']}"
             )
         final, _ = experiment.load_params(configs[methods[-1]].workdir)
-        sweep = power_sweep(setup, final, powers)
+        sweep = power_sweep(config, setup, final)
     results = {
         "experiment": NAME,
-        "settings": measuring.settings() | {"points": FLAGS.points},
+        "settings": measuring.settings(config) | {"points": config.points},
         "runs": runs,
         "powered_training": powered,
         "power_sweep": sweep,
@@ -337,7 +336,7 @@ def main(argv: Sequence[str]) -> int:
     cos_ax.set(xlabel="step", ylabel="cosine with the gradient", title="cosine")
     measuring.style([rank_ax, cos_ax])
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(NAME, width=128, steps=50000, train_learning_rate=1e-4)
+    measuring.paper_hint(config, NAME, width=128, steps=50000, train_learning_rate=1e-4)
     return 0
 
 

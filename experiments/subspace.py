@@ -19,6 +19,7 @@ batch's inputs by construction (overlap exactly 1 at k = rank(X)): a much
 weaker statement than the paper's. Prints the table at a few k, and writes
 subspace.json, subspace.md and subspace.png. (MLP only: a layer's input and
 its kernel are read from the MLP's sites and parameters.)
+Its settings are ``experiments/configs/subspace.py``'s fields, each a flag.
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
 
 import guessgrad as gg
-from experiments import measuring
+from experiments import common, measuring
+from experiments.configs.subspace import get_config
 from guessgrad import metrics
 
-FLAGS = flags.FLAGS
 NAME = "subspace"
-
-measuring.define_flags(steps=100, methods="backprop", depth=3, width=256)
+common.define_flags(get_config(), measuring.FIELDS, help=measuring.HELP)
+measuring.one_of("model", measuring.MODELS)
 
 
 def ks_for(n: int) -> tuple[int, ...]:
@@ -91,14 +92,15 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        if FLAGS.model != "mlp":
+        config = common.apply_flags(get_config())
+        if config.model != "mlp":
             raise ValueError("experiments.subspace measures MLPs (--model=mlp).")
-        path = measuring.prepare_workdir(NAME)
-        setup = measuring.setup([])
+        path = measuring.prepare_workdir(config, NAME)
+        setup = measuring.setup(config, [])
     except (ValueError, TypeError) as err:
         return measuring.fail(NAME, err)
-    params = measuring.trained_params(setup)
-    batch = setup.batch(FLAGS.steps)
+    params = measuring.trained_params(config, setup)
+    batch = setup.batch(config.steps)
     grads = setup.true_grad_fn(params, batch)
     inputs = layer_inputs(setup, params, batch["image"])
     input_grads = input_gradients(setup.model, params, batch)
@@ -107,7 +109,7 @@ def main(argv: Sequence[str]) -> int:
         for name in sorted(grads["params"], key=_layer_index)
     ]
     layers = {}
-    key = jax.random.key(FLAGS.seed + 1)
+    key = jax.random.key(config.seed + 1)
     for index, (x, dx, kernel) in enumerate(zip(inputs, input_grads, kernels)):
         layer_key = jax.random.fold_in(key, index)
         layer = overlaps(dx, x, layer_key)
@@ -122,7 +124,7 @@ def main(argv: Sequence[str]) -> int:
         )
     results = {
         "experiment": NAME,
-        "settings": measuring.settings(),
+        "settings": measuring.settings(config),
         "layers": layers,
         "measured": "per layer: dL/dx_l (per example) against the top-k principal "
         "directions of x_l (pca) and a random subspace (random); weight_gradient: the "
@@ -166,7 +168,7 @@ def main(argv: Sequence[str]) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     measuring.save(path, NAME, results, text, fig)
-    measuring.paper_hint(NAME)
+    measuring.paper_hint(config, NAME)
     return 0
 
 
