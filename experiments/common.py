@@ -147,8 +147,18 @@ def define_flags(
         if isinstance(default, tuple):
             default = list(default)
         text = (help or {}).get(flag) or HELP.get(path) or f"config.{path}"
-        _DEFINE[kind](flag, default, text)
+        # Listed by --help as the entry point's own flags.
+        _DEFINE[kind](flag, default, text, module_name=_entry_point())
         _FIELDS[flag] = (path, (convert or {}).get(flag))
+
+
+def _entry_point() -> str:
+    """The module that defines flags through this one, named as absl names it."""
+    frame = sys._getframe(1)
+    while frame.f_globals.get("__name__") in (__name__, "experiments.measuring"):
+        frame = frame.f_back
+    name = frame.f_globals.get("__name__", "")
+    return sys.argv[0] if name == "__main__" else name
 
 
 def apply_flags(config):
