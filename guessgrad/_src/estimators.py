@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from guessgrad._src import engine
+from guessgrad._src import engine, nnx_bridge
 from guessgrad._src import lean as lean_lib
 from guessgrad._src import rules as rules_lib
 from guessgrad._src import sites as sites_lib
@@ -174,6 +174,7 @@ def _guessed(
     return estimate
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def from_rule(
     model,
@@ -258,6 +259,7 @@ def _rule_estimator(
 # --- weight space ---------------------------------------------------------------
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def backprop(
     model,
@@ -288,6 +290,7 @@ def backprop(
     return _finish(estimate, has_aux, "backprop")
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def directional(
     model,
@@ -364,6 +367,7 @@ def directional(
 ORACLE_SCALES = ("gradient", "directional")
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def oracle_angle(
     model,
@@ -435,6 +439,7 @@ def oracle_angle(
 # --- activation space -------------------------------------------------------------
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def activation_perturbation(
     model,
@@ -489,6 +494,7 @@ def activation_perturbation(
     )
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def wt(
     model,
@@ -536,6 +542,7 @@ def wt(
     )
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def downstream(
     model,
@@ -585,6 +592,7 @@ def downstream(
     )
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def mixing(
     model,
@@ -632,6 +640,7 @@ def mixing(
     )
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def wperp(
     model,
@@ -681,6 +690,7 @@ def wperp(
     )
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def wperp_ns(
     model,
@@ -763,6 +773,7 @@ def wperp_ns(
     )
 
 
+@nnx_bridge.estimator_factory
 @_documented
 def self_sharpening(
     model,
@@ -927,6 +938,7 @@ def build_estimator(
 # --- what the engine sees of a model ----------------------------------------------
 
 
+@nnx_bridge.inspector
 def structure(
     model, params: Params, batch: Batch, *, loss_fn=None, inputs=None, trainable=None
 ) -> sites_lib.Structure:
@@ -946,6 +958,7 @@ def print_structure(
     return found
 
 
+@nnx_bridge.inspector
 @on_mesh_of_arguments
 def site_values(
     model,
@@ -970,6 +983,7 @@ def site_values(
     return {**raw, **taps}
 
 
+@nnx_bridge.inspector
 @on_mesh_of_arguments
 def site_gradients(
     model,
@@ -995,6 +1009,7 @@ def site_gradients(
     )
 
 
+@nnx_bridge.inspector
 @on_mesh_of_arguments
 def directional_derivatives(
     model,
@@ -1042,6 +1057,7 @@ def directional_derivatives(
     return out if mode == "joint" else jnp.stack([out[p] for p in tangents])
 
 
+@nnx_bridge.inspector
 def guess_context(
     model,
     params: Params,

@@ -1,8 +1,8 @@
 """Sites: the values inside a Flax model whose per-example gradients are guessed.
 
-A *site* is marked inside any linen module, next to the layer it follows::
+A *site* is marked inside any linen or NNX module, next to the layer it follows::
 
-    s = nn.Dense(256)(x)
+    s = nn.Dense(256)(x)  # in an nnx.Module: s = self.dense_0(x)
     x = guessgrad.site(self, "dense_0", s, act=nn.relu)  # act(s + perturbation)
 
 With guessgrad inactive (``model.init``, a plain ``model.apply``) a site is
@@ -76,6 +76,38 @@ class _State(threading.local):
         self.active = False  # an estimator is running the model
         self.cut = False  # stop_gradient before each perturbation (local VJPs)
         self.recorder: dict[str, dict[str, _Mark]] | None = None
+        self.nnx: NNXScope | None = None  # the NNX forward pass in progress
+
+
+@dataclasses.dataclass
+class NNXScope:
+    """One forward pass of an NNX model: where its modules sit, and what its sites see.
+
+    NNX modules carry no scope, so the model's runner (``nnx_bridge``) maps
+    each module object of the merged graph to its path, passes the
+    perturbations by site path and collects the recorded values.
+    """
+
+    paths: dict[int, tuple[str, ...]]  # id(module) -> its path in the graph
+    perturbations: dict[str, Array]  # site path -> perturbation
+    records: dict[str, dict[str, tuple]] = dataclasses.field(
+        default_factory=lambda: {SITES: {}, TAPS: {}}
+    )
+
+
+@contextlib.contextmanager
+def nnx_scope(scope: NNXScope):
+    saved, _STATE.nnx = _STATE.nnx, scope
+    try:
+        yield scope
+    finally:
+        _STATE.nnx = saved
+
+
+def _is_nnx(module) -> bool:
+    from flax import nnx
+
+    return isinstance(module, nnx.Module)
 
 
 _STATE = _State()
@@ -92,17 +124,42 @@ def _running(*, cut: bool = False, recorder=None):
 
 
 def _path(module: nn.Module, name: str) -> tuple[tuple[str, ...], str]:
+    if _is_nnx(module):
+        return _nnx_path(module, name)
     if not isinstance(module, nn.Module) or module.scope is None:
         raise TypeError(
             f"guessgrad.site/tap need the bound Flax module they are called in "
             f"(pass `self` from inside a compact or setup-style method); got "
             f"{type(module).__name__}."
         )
+    _check_name(name)
+    module_path = tuple(module.scope.path)
+    return module_path, "/".join(module_path + (name,))
+
+
+def _check_name(name) -> None:
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(
             f"A site or tap name must be a non-empty string without '/'; got {name!r}."
         )
-    module_path = tuple(module.scope.path)
+
+
+def _nnx_path(module, name: str) -> tuple[tuple[str, ...], str]:
+    _check_name(name)
+    scope = _STATE.nnx
+    module_path = None if scope is None else scope.paths.get(id(module))
+    if module_path is None:
+        raise ValueError(
+            f"Site or tap {name!r} sits in an NNX {type(module).__name__} that is not a "
+            "module of the model the estimator runs: "
+            + (
+                "the estimator runs a linen model."
+                if scope is None
+                else "it was copied by an NNX transform (nnx.remat, nnx.scan and "
+                "nnx.vmap run copies of their modules). Unroll those layers with a "
+                "Python loop, and use jax.checkpoint inside the layer for remat."
+            )
+        )
     return module_path, "/".join(module_path + (name,))
 
 
@@ -119,6 +176,11 @@ _TRANSFORM_HINT = (
 
 def _record(module: nn.Module, collection: str, name: str, value: Array) -> None:
     """Appends ``value`` to the entry of ``name`` (a module called twice leaves two)."""
+    if _is_nnx(module):
+        records = _STATE.nnx.records[collection]
+        path = _nnx_path(module, name)[1]
+        records[path] = records.get(path, ()) + (value,)
+        return
     scope, key = module.scope, _PREFIX + name
     if not scope.is_mutable_collection(collection):
         where = "/".join(tuple(scope.path) + (name,))
@@ -154,11 +216,20 @@ def _mark(module, name, value, *, act, next, feeds, apply_act: bool, copy_axes=N
         _record(module, SITES, name, value)
         if _STATE.cut:
             value = jax.lax.stop_gradient(value)
-        if module.scope.has_variable(PERTURBATIONS, _PREFIX + name):
-            value = value + module.scope.get_variable(PERTURBATIONS, _PREFIX + name)
+        perturbation = _perturbation(module, name, path)
+        if perturbation is not None:
+            value = value + perturbation
     if act is not None and apply_act:
         value = act(value)
     return value
+
+
+def _perturbation(module, name: str, path: str) -> Array | None:
+    if _is_nnx(module):
+        return _STATE.nnx.perturbations.get(path)
+    if module.scope.has_variable(PERTURBATIONS, _PREFIX + name):
+        return module.scope.get_variable(PERTURBATIONS, _PREFIX + name)
+    return None
 
 
 def site(

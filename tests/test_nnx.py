@@ -1,0 +1,306 @@
+"""Flax NNX models: every estimator on an nnx.Module, as on its linen twin.
+
+The twins share their weights (the same pure-dict parameters), their sites'
+paths and their order, so an estimator given the same key computes the same
+estimate on both; an NNX estimate is an ``nnx.State`` of the module's
+parameters.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from helpers import assert_mean_matches, flat, sample_estimates
+
+import guessgrad as gg
+
+IN, WIDTH, CLASSES, BATCH = 6, 8, 4, 8  # the width a multiple of the classes, B = width
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = gg.site(self, "h0", nn.Dense(WIDTH, name="l0")(x), act=nn.relu)
+        x = gg.site(self, "h1", nn.Dense(WIDTH, name="l1")(x), act=nn.relu)
+        return gg.site(self, "out", nn.Dense(CLASSES, name="head")(x))
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l0 = nnx.Linear(IN, WIDTH, rngs=rngs)
+        self.l1 = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        x = gg.site(self, "h0", self.l0(x), act=nnx.relu)
+        x = gg.site(self, "h1", self.l1(x), act=nnx.relu)
+        return gg.site(self, "out", self.head(x))
+
+
+class LinenBlocks(nn.Module):
+    """Local losses: a head per block, a stop_gradient between the blocks, a LayerNorm."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = gg.site(self, "b0", nn.Dense(WIDTH, name="d0")(x), act=nn.relu)
+        first = nn.Dense(CLASSES, name="head0")(h)
+        h = jax.lax.stop_gradient(h)
+        h = gg.site(
+            self,
+            "b1",
+            nn.LayerNorm(name="norm")(nn.Dense(WIDTH, name="d1")(h)),
+            act=nn.relu,
+        )
+        return {"block0": first, "readout": nn.Dense(CLASSES, name="head1")(h)}
+
+
+class NNXBlocks(nnx.Module):
+    def __init__(self, rngs):
+        self.d0 = nnx.Linear(IN, WIDTH, rngs=rngs)
+        self.head0 = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+        self.d1 = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+        self.norm = nnx.LayerNorm(WIDTH, rngs=rngs)
+        self.head1 = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        h = gg.site(self, "b0", self.d0(x), act=nnx.relu)
+        first = self.head0(h)
+        h = jax.lax.stop_gradient(h)
+        h = gg.site(self, "b1", self.norm(self.d1(h)), act=nnx.relu)
+        return {"block0": first, "readout": self.head1(h)}
+
+
+def block_losses(outputs, batch):
+    return {
+        name: gg.per_example_loss(logits, batch["label"])
+        for name, logits in outputs.items()
+    }
+
+
+def twins(linen_cls, nnx_cls):
+    """A linen model and its NNX twin holding the same weights, with a batch."""
+    nnx_model = nnx_cls(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (BATCH, IN))
+    batch = {"image": x, "label": jnp.arange(BATCH) % CLASSES}
+    linen_model = linen_cls()
+    variables = linen_model.init(jax.random.key(2), x)
+    pure = nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param))
+    variables = {"params": jax.tree.map(jnp.asarray, pure)}
+    assert jax.tree.structure(variables["params"]) == jax.tree.structure(
+        linen_model.init(jax.random.key(2), x)["params"]
+    )
+    return linen_model, variables, nnx_model, batch
+
+
+MODELS = {
+    "mlp": ((LinenMLP, NNXMLP), {}),
+    "local losses": ((LinenBlocks, NNXBlocks), {"loss_fn": block_losses}),
+}
+
+
+def as_pure(grads):
+    return nnx.to_pure_dict(grads) if isinstance(grads, nnx.State) else grads
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("mode", gg.MODES)
+@pytest.mark.parametrize("method", list(gg.ESTIMATORS))
+def test_nnx_and_linen_twins_give_the_same_estimate(method, mode, model_name):
+    (linen_cls, nnx_cls), problem = MODELS[model_name]
+    if "mode" not in gg.estimator_options(method):
+        if mode != gg.MODES[0]:
+            pytest.skip("a weight-space method has no modes")
+        options = {}
+    else:
+        options = {"mode": mode}
+    if method in ("wperp", "wperp_ns"):
+        options["rank"] = 2
+    linen_model, variables, nnx_model, batch = twins(linen_cls, nnx_cls)
+    key = jax.random.key(7)
+    on_linen = gg.get_estimator(method, linen_model, **problem, **options)
+    on_nnx = gg.get_estimator(method, nnx_model, **problem, **options)
+    params = nnx.state(nnx_model, nnx.Param)
+    estimate = on_nnx(params, batch, key)
+    assert isinstance(estimate, nnx.State)
+    assert jax.tree.structure(estimate) == jax.tree.structure(params)
+    np.testing.assert_allclose(
+        flat(as_pure(estimate)),
+        flat(on_linen(variables, batch, key)["params"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_backprop_on_nnx_is_jax_grad_through_nnx_merge():
+    _, _, model, batch = twins(LinenBlocks, NNXBlocks)
+    params = nnx.state(model, nnx.Param)
+    graphdef = nnx.graphdef(model)
+
+    def loss(p):
+        losses = block_losses(nnx.merge(graphdef, p)(batch["image"]), batch)
+        return sum(jnp.mean(value) for value in losses.values())
+
+    estimate = gg.get_estimator("backprop", model, loss_fn=block_losses)
+    expected = jax.grad(loss)(params)
+    for a, b in zip(
+        jax.tree.leaves(estimate(params, batch, None)), jax.tree.leaves(expected)
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+class DropoutNet(nnx.Module):
+    def __init__(self, rngs):
+        self.l0 = nnx.Linear(IN, WIDTH, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.drop(gg.site(self, "h0", self.l0(x), act=nnx.relu))
+        return gg.site(self, "out", self.head(x))
+
+
+def test_nnx_dropout_draws_from_the_estimators_key():
+    model = DropoutNet(nnx.Rngs(0, dropout=1))
+    _, _, _, batch = twins(LinenMLP, NNXMLP)
+    params = nnx.state(model, nnx.Param)
+    estimate = gg.get_estimator("backprop", model)
+    key = jax.random.key(3)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        copy = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))
+        nnx.reseed(copy, dropout=gg.model_rngs(key)["dropout"])
+        return jnp.mean(gg.per_example_loss(copy(batch["image"]), batch["label"]))
+
+    expected = jax.grad(loss)(params)
+    got = estimate(params, batch, key)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    other = estimate(params, batch, jax.random.key(4))
+    assert not np.allclose(flat(as_pure(got)), flat(as_pure(other)))  # other masks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["directional", "activation_perturbation"])
+def test_unbiased_methods_are_unbiased_on_nnx(method):
+    _, _, model, batch = twins(LinenMLP, NNXMLP)
+    params = nnx.state(model, nnx.Param)
+    options = {"normalize": False} if method == "activation_perturbation" else {}
+    estimate = gg.get_estimator(method, model, **options)
+    exact = gg.get_estimator("backprop", model)(params, batch, None)
+    samples = sample_estimates(
+        lambda p, b, k: as_pure(estimate(p, b, k)), params, batch
+    )
+    assert_mean_matches(samples, flat(as_pure(exact)))
+
+
+class Prompt(nnx.Param):
+    """Prompt tokens: the only parameters that learn in prompt tuning."""
+
+
+class Prompted(nnx.Module):
+    def __init__(self, rngs):
+        self.prompt = Prompt(jax.random.normal(rngs.params(), (WIDTH,)) * 0.1)
+        self.l0 = nnx.Linear(IN, WIDTH, rngs=rngs)
+        self.l1 = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.l0(x) + self.prompt[...]
+        h = gg.site(self, "h1", self.l1(nnx.relu(h)), act=nnx.relu)
+        return gg.site(self, "out", self.head(h))
+
+
+@pytest.mark.parametrize(
+    "trainable, learning",
+    [
+        (Prompt, {"prompt"}),
+        (nnx.PathContains("head"), {"head/bias", "head/kernel"}),
+        (nnx.Any(Prompt, nnx.PathContains("l1")), {"prompt", "l1/bias", "l1/kernel"}),
+        (
+            nnx.Not(nnx.PathContains("l0")),
+            {"prompt", "l1/bias", "l1/kernel", "head/bias", "head/kernel"},
+        ),
+    ],
+)
+@pytest.mark.parametrize("method", ["wt", "directional", "backprop"])
+def test_trainable_takes_nnx_filters(method, trainable, learning):
+    model = Prompted(nnx.Rngs(0))
+    _, _, _, batch = twins(LinenMLP, NNXMLP)
+    params = nnx.state(model, nnx.Param)
+    estimate = gg.get_estimator(method, model, trainable=trainable)(
+        params, batch, jax.random.key(5)
+    )
+    for path, value in nnx.to_flat_state(estimate):
+        name = "/".join(str(p) for p in path)
+        if name in learning:
+            assert np.any(np.asarray(value[...]) != 0), name
+        else:
+            assert np.all(np.asarray(value[...]) == 0), name  # exact zeros
+
+
+def test_an_nnx_model_trains_with_nnx_optimizer():
+    _, _, model, batch = twins(LinenMLP, NNXMLP)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    estimate = jax.jit(gg.get_estimator("wt", model))
+
+    def loss():
+        return float(
+            jnp.mean(gg.per_example_loss(model(batch["image"]), batch["label"]))
+        )
+
+    before = loss()
+    for step in range(60):
+        grads = estimate(nnx.state(model, nnx.Param), batch, jax.random.key(step))
+        optimizer.update(model, grads)
+    assert loss() < 0.5 * before
+
+
+def test_print_structure_and_site_values_take_nnx_modules(capsys):
+    _, _, model, batch = twins(LinenBlocks, NNXBlocks)
+    params = nnx.state(model, nnx.Param)
+    found = gg.print_structure(model, params, batch, loss_fn=block_losses)
+    shown = capsys.readouterr().out
+    assert [s.path for s in found.sites] == ["b0", "b1"]
+    assert "params/norm/scale" in shown
+    values = gg.site_values(model, params, batch)
+    assert set(values) == {"b0", "b1"} and values["b0"].shape == (BATCH, WIDTH)
+
+
+class Normed(nnx.Module):
+    def __init__(self, rngs):
+        self.l0 = nnx.Linear(IN, WIDTH, rngs=rngs)
+        self.bn = nnx.BatchNorm(WIDTH, rngs=rngs)
+
+    def __call__(self, x):
+        return gg.site(self, "h0", self.bn(self.l0(x)))
+
+
+class Rematted(nnx.Module):
+    def __init__(self, rngs):
+        self.block = NNXMLP(rngs)
+
+    def __call__(self, x):
+        return nnx.remat(lambda block, x: block(x))(self.block, x)
+
+
+def test_what_nnx_models_cannot_do_is_one_clear_error():
+    _, _, _, batch = twins(LinenMLP, NNXMLP)
+    with pytest.raises(ValueError, match="batch statistics.*bn/mean.*bn/var"):
+        gg.get_estimator("wt", Normed(nnx.Rngs(0)))
+    model = Rematted(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="copied by an NNX transform.*nnx.remat"):
+        gg.get_estimator("wt", model)(
+            nnx.state(model, nnx.Param), batch, jax.random.key(0)
+        )
+    model = NNXMLP(nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"nnx.state\(model, nnx.Param\)"):
+        gg.get_estimator("wt", model)(model, batch, jax.random.key(0))
+    # Outside an estimator a site is just act(value).
+    x = batch["image"]
+    np.testing.assert_allclose(
+        model(x), model.head(nnx.relu(model.l1(nnx.relu(model.l0(x))))), rtol=1e-6
+    )
