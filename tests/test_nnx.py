@@ -14,6 +14,8 @@ import optax
 import pytest
 from flax import nnx
 from helpers import assert_mean_matches, flat, sample_estimates
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import guessgrad as gg
 
@@ -73,6 +75,87 @@ class NNXBlocks(nnx.Module):
         return {"block0": first, "readout": self.head1(h)}
 
 
+class LinenResidual(nn.Module):
+    """Pre-norm residual blocks (LayerNorm, dense, ReLU site, dense) between two sites."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = gg.site(self, "embed", nn.Dense(WIDTH, name="embed")(x), act=nn.relu)
+        for i in range(2):
+            y = nn.LayerNorm(name=f"norm{i}")(h)
+            y = gg.site(
+                self, f"hidden{i}", nn.Dense(WIDTH, name=f"up{i}")(y), act=nn.relu
+            )
+            h = h + nn.Dense(WIDTH, name=f"down{i}")(y)
+        return gg.site(self, "logits", nn.Dense(CLASSES, name="head")(h))
+
+
+class NNXResidual(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(IN, WIDTH, rngs=rngs)
+        for i in range(2):
+            setattr(self, f"norm{i}", nnx.LayerNorm(WIDTH, rngs=rngs))
+            setattr(self, f"up{i}", nnx.Linear(WIDTH, WIDTH, rngs=rngs))
+            setattr(self, f"down{i}", nnx.Linear(WIDTH, WIDTH, rngs=rngs))
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        h = gg.site(self, "embed", self.embed(x), act=nnx.relu)
+        for i in range(2):
+            y = getattr(self, f"norm{i}")(h)
+            y = gg.site(self, f"hidden{i}", getattr(self, f"up{i}")(y), act=nnx.relu)
+            h = h + getattr(self, f"down{i}")(y)
+        return gg.site(self, "logits", self.head(h))
+
+
+class LinenCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = gg.site(self, "c0", nn.Conv(4, (3, 3), name="c0")(x), act=nn.relu)
+        x = gg.site(
+            self, "c1", nn.Conv(4, (3, 3), strides=2, name="c1")(x), act=nn.relu
+        )
+        return gg.site(self, "logits", nn.Dense(CLASSES, name="head")(x.mean((1, 2))))
+
+
+class NNXCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.c0 = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.c1 = nnx.Conv(4, 4, (3, 3), strides=2, rngs=rngs)
+        self.head = nnx.Linear(4, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        x = gg.site(self, "c0", self.c0(x), act=nnx.relu)
+        x = gg.site(self, "c1", self.c1(x), act=nnx.relu)
+        return gg.site(self, "logits", self.head(x.mean((1, 2))))
+
+
+class LinenPatches(nn.Module):
+    """Per-patch local losses declared as copies ([B, P]): Ren et al.'s patch-wise losses."""
+
+    @nn.compact
+    def __call__(self, x):  # [B, P, F]
+        h = gg.site(
+            self, "mix", nn.Dense(WIDTH, name="mix")(x), act=nn.relu, copy_axes=1
+        )
+        return nn.Dense(CLASSES, name="head")(h)
+
+
+class NNXPatches(nnx.Module):
+    def __init__(self, rngs):
+        self.mix = nnx.Linear(IN, WIDTH, rngs=rngs)
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        h = gg.site(self, "mix", self.mix(x), act=nnx.relu, copy_axes=1)
+        return self.head(h)
+
+
+def patch_losses(logits, batch):
+    labels = jnp.broadcast_to(batch["label"][:, None], logits.shape[:2])
+    return gg.copies(gg.per_example_loss(logits, labels))
+
+
 def block_losses(outputs, batch):
     return {
         name: gg.per_example_loss(logits, batch["label"])
@@ -80,10 +163,10 @@ def block_losses(outputs, batch):
     }
 
 
-def twins(linen_cls, nnx_cls):
-    """A linen model and its NNX twin holding the same weights, with a batch."""
+def twins(linen_cls, nnx_cls, shape=(IN,)):
+    """A linen model and its NNX twin holding the same weights, with a batch of ``[B, *shape]``."""
     nnx_model = nnx_cls(nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (BATCH, IN))
+    x = jax.random.normal(jax.random.key(1), (BATCH, *shape))
     batch = {"image": x, "label": jnp.arange(BATCH) % CLASSES}
     linen_model = linen_cls()
     variables = linen_model.init(jax.random.key(2), x)
@@ -96,8 +179,11 @@ def twins(linen_cls, nnx_cls):
 
 
 MODELS = {
-    "mlp": ((LinenMLP, NNXMLP), {}),
-    "local losses": ((LinenBlocks, NNXBlocks), {"loss_fn": block_losses}),
+    "mlp": ((LinenMLP, NNXMLP), (IN,), {}),
+    "local losses": ((LinenBlocks, NNXBlocks), (IN,), {"loss_fn": block_losses}),
+    "residual": ((LinenResidual, NNXResidual), (IN,), {}),
+    "cnn": ((LinenCNN, NNXCNN), (6, 6, 2), {}),
+    "copies": ((LinenPatches, NNXPatches), (3, IN), {"loss_fn": patch_losses}),
 }
 
 
@@ -105,20 +191,32 @@ def as_pure(grads):
     return nnx.to_pure_dict(grads) if isinstance(grads, nnx.State) else grads
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
-@pytest.mark.parametrize("mode", gg.MODES)
-@pytest.mark.parametrize("method", list(gg.ESTIMATORS))
+# Every estimator on every twin; both modes on the MLP (the bridge is below the modes).
+# The other models' cases are in the slow tier.
+TWIN_CASES = [
+    pytest.param(
+        method,
+        mode,
+        model_name,
+        marks=() if model_name == "mlp" else pytest.mark.slow,
+    )
+    for model_name in MODELS
+    for method in gg.ESTIMATORS
+    for mode in (
+        gg.MODES
+        if model_name == "mlp" and "mode" in gg.estimator_options(method)
+        else [None]
+    )
+]
+
+
+@pytest.mark.parametrize("method, mode, model_name", TWIN_CASES)
 def test_nnx_and_linen_twins_give_the_same_estimate(method, mode, model_name):
-    (linen_cls, nnx_cls), problem = MODELS[model_name]
-    if "mode" not in gg.estimator_options(method):
-        if mode != gg.MODES[0]:
-            pytest.skip("a weight-space method has no modes")
-        options = {}
-    else:
-        options = {"mode": mode}
+    (linen_cls, nnx_cls), shape, problem = MODELS[model_name]
+    options = {} if mode is None else {"mode": mode}
     if method in ("wperp", "wperp_ns"):
         options["rank"] = 2
-    linen_model, variables, nnx_model, batch = twins(linen_cls, nnx_cls)
+    linen_model, variables, nnx_model, batch = twins(linen_cls, nnx_cls, shape)
     key = jax.random.key(7)
     on_linen = gg.get_estimator(method, linen_model, **problem, **options)
     on_nnx = gg.get_estimator(method, nnx_model, **problem, **options)
@@ -304,3 +402,18 @@ def test_what_nnx_models_cannot_do_is_one_clear_error():
     np.testing.assert_allclose(
         model(x), model.head(nnx.relu(model.l1(nnx.relu(model.l0(x))))), rtol=1e-6
     )
+
+
+def test_nnx_estimates_take_arrays_on_a_mesh():
+    mesh = jax.make_mesh((1,), ("data",))
+    _, _, model, batch = twins(LinenBlocks, NNXBlocks)
+    params = nnx.state(model, nnx.Param)
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    for method in ("backprop", "wt", "mixing"):
+        estimate = gg.get_estimator(method, model, loss_fn=block_losses)
+        expected = estimate(params, batch, jax.random.key(0))
+        got = jax.jit(estimate)(replicated, sharded, jax.random.key(0))
+        np.testing.assert_allclose(
+            flat(as_pure(got)), flat(as_pure(expected)), rtol=1e-6, atol=1e-7
+        )
