@@ -51,8 +51,11 @@ _PROBLEM_ARGS = """\
     Default: ``batch["image"]``.
   trainable: a pytree of bools with the structure of ``params`` (or of
     its ``"params"`` collection), or a callable from ``params`` to one
-    (as ``optax.masked`` takes). Frozen leaves get exact zeros and cost
-    no guess work. Collections other than ``"params"`` are constants.
+    (as ``optax.masked`` takes); for an ``nnx.Module``, any NNX filter
+    (a ``Variable`` subclass such as a ``Prompt(nnx.Param)``,
+    ``nnx.PathContains(...)``, ``nnx.All/Any/Not``). Frozen leaves get
+    exact zeros and cost no guess work. Collections other than
+    ``"params"`` are constants.
   has_aux: return ``(grads, metrics)`` instead of ``grads``: ``loss``
     (the objective), ``loss/<name>`` per loss when there are several,
     and ``accuracy`` with the default loss."""
@@ -79,7 +82,13 @@ Returns:
   with ``has_aux=True``), pure: the same key gives the same estimate,
   under ``jax.jit`` and ``jax.vmap`` over keys. The model runs with
   ``rngs=guessgrad.model_rngs(key)`` (dropout); arrays sharded on a mesh
-  work with or without a context mesh."""
+  work with or without a context mesh.
+
+  ``model`` is a Flax linen module (``params`` what ``model.init``
+  returns) or a Flax NNX module (``params`` its Param state,
+  ``nnx.state(model, nnx.Param)``; ``grads`` an ``nnx.State`` of the
+  same structure, for ``optax`` or ``nnx.Optimizer``; its RNG streams
+  are reseeded from ``key``)."""
 
 
 def _documented(fn):

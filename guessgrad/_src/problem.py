@@ -62,7 +62,7 @@ class Problem:
     ):
         if not hasattr(model, "apply"):
             raise TypeError(
-                f"Estimators need a Flax linen module with sites marked inside "
+                f"Estimators need a Flax linen or NNX module with sites marked inside "
                 f"(guessgrad.site) or a guessgrad.mark_outputs(...) model; got "
                 f"{type(model).__name__}."
             )
