@@ -417,3 +417,24 @@ def test_nnx_estimates_take_arrays_on_a_mesh():
         np.testing.assert_allclose(
             flat(as_pure(got)), flat(as_pure(expected)), rtol=1e-6, atol=1e-7
         )
+
+
+def test_the_readme_nnx_example_runs():
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        section = f.read().split("### Flax NNX models", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)[:1]
+    batch = {
+        "image": jax.random.normal(jax.random.key(0), (BATCH, 784)),
+        "label": jnp.arange(BATCH) % 10,
+    }
+    namespace = {"jax": jax, "optax": optax, "nnx": nnx, "gg": gg}
+    namespace |= {"batch": batch, "key": jax.random.key(1)}
+    exec(block, namespace)  # noqa: S102
+    grads, model = namespace["grads"], namespace["model"]
+    params = nnx.state(model, nnx.Param)
+    assert isinstance(grads, nnx.State)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    assert np.any(flat(as_pure(grads)) != 0)
