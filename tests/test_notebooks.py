@@ -36,8 +36,20 @@ assert sys.executable == {sys.executable!r} or sys.prefix == {sys.prefix!r}, (
 """
 
 
+# Each is run below; a missing one fails here instead of being skipped unseen.
+EXPECTED = {
+    "localmixer.ipynb",
+    "nnx.ipynb",
+    "prompt_tuning.ipynb",
+    "quickstart.ipynb",
+    "your_model.ipynb",
+}
+
+
 def test_there_are_notebooks():
     assert NOTEBOOKS, f"no notebooks in {COLAB}"
+    missing = EXPECTED - {p.name for p in NOTEBOOKS}
+    assert not missing, f"{sorted(missing)} not in {COLAB}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
