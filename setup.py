@@ -22,7 +22,7 @@ setuptools.setup(
     include_package_data=True,
     install_requires=[
         "jax>=0.4.30",
-        "flax>=0.8",
+        "flax>=0.11",  # NNX: nnx.to_pure_dict, nnx.Optimizer(wrt=...)
         "optax>=0.2",
         "chex>=0.1.86",
         "numpy>=1.24",
