@@ -143,7 +143,7 @@ def test_bad_batches_say_what_was_expected(small_mlp, batch, message):
 def test_models_without_sites_are_rejected_with_a_hint_but_backprop_runs():
     import flax.linen as nn
 
-    with pytest.raises(TypeError, match="Flax linen module"):
+    with pytest.raises(TypeError, match="Flax linen or NNX module"):
         gg.get_estimator("wt", object())
     model = nn.Dense(3)
     batch = {"image": jnp.ones((2, 4)), "label": jnp.zeros(2, jnp.int32)}
