@@ -154,12 +154,6 @@ def _is_filter(trainable) -> bool:
     return type(trainable).__module__.startswith("flax.nnx")
 
 
-def _to_state(model: NNXModel, params, grads):
-    """The engine's ``{"params": pure}`` grads as an ``nnx.State`` like ``params``."""
-    leaves = jax.tree.leaves(grads["params"])
-    return jax.tree.unflatten(jax.tree.structure(params), leaves)
-
-
 def estimator_factory(factory: Callable) -> Callable:
     """``factory(model, ...) -> estimator`` that also takes an ``nnx.Module`` (see the module docstring)."""
 
@@ -173,10 +167,11 @@ def estimator_factory(factory: Callable) -> Callable:
 
         @functools.wraps(estimator)
         def estimate(params, batch, key):
+            # variables() checked that params have the template's structure.
             out = estimator(bridge.variables(params), batch, key)
             if has_aux:
-                return _to_state(bridge, params, out[0]), out[1]
-            return _to_state(bridge, params, out)
+                return bridge.state(out[0]["params"]), out[1]
+            return bridge.state(out["params"])
 
         estimate.has_aux = has_aux
         return estimate
