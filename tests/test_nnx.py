@@ -377,23 +377,112 @@ class Normed(nnx.Module):
         return gg.site(self, "h0", self.bn(self.l0(x)))
 
 
-class Rematted(nnx.Module):
-    def __init__(self, rngs):
-        self.block = NNXMLP(rngs)
+class Wrapped(nnx.Module):
+    """Residual blocks as a submodule, each call rematerialised when ``remat``."""
+
+    def __init__(self, rngs, remat):
+        self.block = NNXResidual(rngs)
+        self.head = nnx.Linear(CLASSES, CLASSES, rngs=rngs)
+        self.remat = remat
 
     def __call__(self, x):
-        return nnx.remat(lambda block, x: block(x))(self.block, x)
+        call = lambda block, x: block(x)
+        h = (nnx.remat(call) if self.remat else call)(self.block, x)
+        return gg.site(self, "logits", self.head(nnx.relu(h)))
+
+
+# Remat changes what is stored, never a value: each estimator on a rematerialised
+# block equals the same estimator on the plain block (itself equal to its linen twin).
+REMAT_CASES = [
+    pytest.param(
+        method,
+        marks=() if method in ("wt", "activation_perturbation") else pytest.mark.slow,
+    )
+    for method in gg.ESTIMATORS
+]
+
+
+@pytest.mark.parametrize("method", REMAT_CASES)
+def test_sites_inside_nnx_remat_give_the_plain_models_estimate(method):
+    options = {"rank": 2} if method in ("wperp", "wperp_ns") else {}
+    plain, rematted = Wrapped(nnx.Rngs(0), False), Wrapped(nnx.Rngs(0), True)
+    params = nnx.state(plain, nnx.Param)
+    assert jax.tree.all(
+        jax.tree.map(jnp.array_equal, params, nnx.state(rematted, nnx.Param))
+    )
+    _, _, _, batch = twins(LinenMLP, NNXMLP)
+    sites = [s.path for s in gg.structure(rematted, params, batch).sites]
+    assert sites == [
+        "block/embed",
+        "block/hidden0",
+        "block/hidden1",
+        "block/logits",
+        "logits",
+    ]
+    key = jax.random.key(3)
+    expected = gg.get_estimator(method, plain, **options)(params, batch, key)
+    estimate = gg.get_estimator(method, rematted, **options)
+    assert "remat" in str(
+        jax.make_jaxpr(estimate)(params, batch, key)
+    )  # jax.checkpoint
+    got = jax.jit(estimate)(params, batch, key)
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    assert np.any(flat(as_pure(expected)) != 0)
+    np.testing.assert_allclose(
+        flat(as_pure(got)), flat(as_pure(expected)), rtol=1e-5, atol=1e-6
+    )
+
+
+class Layer(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+    def __call__(self, x):
+        return gg.site(self, "h", self.lin(x), act=nnx.relu)
+
+
+class Scanned(nnx.Module):
+    """Three layers stacked by nnx.vmap at init and run by nnx.scan."""
+
+    def __init__(self, rngs):
+        make = nnx.split_rngs(splits=3)(nnx.vmap(Layer, in_axes=0, out_axes=0))
+        self.layers = make(rngs)
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        run = nnx.scan(
+            lambda x, layer: layer(x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry
+        )
+        return gg.site(self, "out", self.head(run(x, self.layers)))
+
+
+class Vmapped(nnx.Module):
+    """One layer run by nnx.vmap over two copies of the batch."""
+
+    def __init__(self, rngs):
+        self.layer = Layer(rngs)
+        self.head = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        ys = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(
+            self.layer, jnp.stack([x, x])
+        )
+        return gg.site(self, "out", self.head(ys.mean(0)))
 
 
 def test_what_nnx_models_cannot_do_is_one_clear_error():
     _, _, _, batch = twins(LinenMLP, NNXMLP)
     with pytest.raises(ValueError, match="batch statistics.*bn/mean.*bn/var"):
         gg.get_estimator("wt", Normed(nnx.Rngs(0)))
-    model = Rematted(nnx.Rngs(0))
-    with pytest.raises(ValueError, match="copied by an NNX transform.*nnx.remat"):
-        gg.get_estimator("wt", model)(
-            nnx.state(model, nnx.Param), batch, jax.random.key(0)
-        )
+    x = jax.random.normal(jax.random.key(0), (BATCH, WIDTH))
+    wide = {"image": x, "label": batch["label"]}
+    for cls, where in ((Scanned, "'layers/h'"), (Vmapped, "A site or tap")):
+        model = cls(nnx.Rngs(0))
+        assert model(x).shape == (BATCH, CLASSES)  # outside an estimator: act(value)
+        with pytest.raises(ValueError, match=f"{where} ran inside an NNX transform"):
+            gg.get_estimator("wt", model)(
+                nnx.state(model, nnx.Param), wide, jax.random.key(0)
+            )
     model = NNXMLP(nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"nnx.state\(model, nnx.Param\)"):
         gg.get_estimator("wt", model)(model, batch, jax.random.key(0))

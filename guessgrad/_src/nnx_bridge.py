@@ -6,8 +6,10 @@
 call merges the module's graph with those parameters (its other state, RNG
 streams included, as it was when the estimator was built), reseeds its RNG
 streams from ``rngs`` (Dropout draws from the estimator's key) and runs it
-with its sites live (:func:`guessgrad.site` finds a module's path through
-:class:`sites.NNXScope`).
+with its sites live. Each module of the merged graph is tagged with its
+path (a static attribute, so NNX transforms' copies of a module carry it),
+and a site records its value on its module as a :class:`SiteRecord`
+variable, which ``nnx.remat`` passes out of its trace like any other state.
 
 :func:`estimator_factory` and :func:`inspector` wrap the public functions:
 a user passes the module, ``nnx.state(module, nnx.Param)`` as ``params``
@@ -34,6 +36,59 @@ def is_nnx(model) -> bool:
 
 def _path(parts) -> tuple[str, ...]:
     return tuple(str(p) for p in parts)
+
+
+_PATH_ATTR = "_guessgrad_path"
+_RECORD_ATTR = "_guessgrad_{collection}_{name}"
+
+
+class SiteRecord(nnx.Variable):
+    """The values a site or tap saw in one forward pass (a tuple: one per call).
+
+    Its metadata ``shapes`` holds each value's shape where the site saw it: a
+    transform that stacks the values it returns (``nnx.scan``, ``nnx.vmap``)
+    changes the values' shapes but not the metadata.
+    """
+
+
+def module_path(module: nnx.Module, *, running: bool) -> tuple[str, ...]:
+    """The path of ``module`` in the model an estimator runs; a ValueError for any other module."""
+    path = getattr(module, _PATH_ATTR, None)
+    if path is None:
+        raise ValueError(
+            f"A site or tap sits in an NNX {type(module).__name__} that is not a "
+            "module of the model the estimator runs"
+            + (
+                " (the estimator runs a linen model)."
+                if not running
+                else " (a module built during the forward pass?)."
+            )
+        )
+    return path
+
+
+def record(module: nnx.Module, collection: str, name: str, value) -> None:
+    """Appends ``value`` to the record of site or tap ``name`` of ``module``."""
+    attr = _RECORD_ATTR.format(collection=collection, name=name)
+    previous = vars(module).get(attr)
+    values, shapes = ((), ()) if previous is None else _values_and_shapes(previous)
+    setattr(
+        module,
+        attr,
+        SiteRecord(values + (value,), shapes=shapes + (tuple(jax.numpy.shape(value)),)),
+    )
+
+
+def _values_and_shapes(variable: SiteRecord):
+    return variable.get_value(), variable.get_metadata()["shapes"]
+
+
+_STACKED = (
+    "{what} ran inside an NNX transform that stacks what its modules "
+    "record ({how}): a site there would be one [layers, B, ...] value, not one per "
+    "layer. Unroll those layers with a Python loop (nnx.remat per layer keeps the "
+    "memory saving)."
+)
 
 
 class NNXModel:
@@ -87,22 +142,42 @@ class NNXModel:
                 dict(variables.get(sites_lib.PERTURBATIONS, {}))
             ).items()
         }
-        paths = {id(m): _path(p) for p, m in nnx.iter_modules(module)}
-        scope = sites_lib.NNXScope(paths, perturbations)
-        with sites_lib.nnx_scope(scope):
-            outputs = module(*args)
+        modules = [(_path(p), m) for p, m in nnx.iter_modules(module)]
+        for path, m in modules:
+            setattr(m, _PATH_ATTR, path)
+        with sites_lib.nnx_scope(sites_lib.NNXScope(perturbations)):
+            try:
+                outputs = module(*args)
+            except ValueError as error:
+                # nnx.vmap refuses a new variable its out_axes do not cover.
+                prefix = _RECORD_ATTR.format(collection="", name="")[:-1]
+                if prefix not in str(error):
+                    raise
+                raise ValueError(
+                    _STACKED.format(what="A site or tap", how="nnx.vmap")
+                ) from error
         if not mutable:
             return outputs
-        collections = {
-            name: traverse_util.unflatten_dict(
-                {
-                    tuple(p.split("/")[:-1]) + ("@" + p.split("/")[-1],): values
-                    for p, values in records.items()
-                }
-            )
-            for name, records in scope.records.items()
+        collections = {sites_lib.SITES: {}, sites_lib.TAPS: {}}
+        for path, m in modules:
+            for collection, records in collections.items():
+                prefix = _RECORD_ATTR.format(collection=collection, name="")
+                for attr, variable in vars(m).items():
+                    if attr.startswith(prefix):
+                        name = attr[len(prefix) :]
+                        values, shapes = _values_and_shapes(variable)
+                        if tuple(jax.numpy.shape(v) for v in values) != shapes:
+                            raise ValueError(
+                                _STACKED.format(
+                                    what=f"Site or tap {'/'.join(path + (name,))!r}",
+                                    how="nnx.scan, nnx.vmap",
+                                )
+                            )
+                        records[path + ("@" + name,)] = values
+        return outputs, {
+            name: traverse_util.unflatten_dict(records)
+            for name, records in collections.items()
         }
-        return outputs, collections
 
     def variables(self, params) -> dict[str, Any]:
         """``{"params": pure dict}`` of the ``nnx.State`` a user passes as params."""

@@ -81,18 +81,15 @@ class _State(threading.local):
 
 @dataclasses.dataclass
 class NNXScope:
-    """One forward pass of an NNX model: where its modules sit, and what its sites see.
+    """One forward pass of an NNX model: the perturbations its sites add, by site path.
 
-    NNX modules carry no scope, so the model's runner (``nnx_bridge``) maps
-    each module object of the merged graph to its path, passes the
-    perturbations by site path and collects the recorded values.
+    NNX modules carry no scope: the model's runner (``nnx_bridge``) tags each
+    module of the merged graph with its path and collects the values the
+    sites record on their modules (:func:`nnx_bridge.record`), which NNX's
+    transforms (``nnx.remat``) carry out like any other state.
     """
 
-    paths: dict[int, tuple[str, ...]]  # id(module) -> its path in the graph
     perturbations: dict[str, Array]  # site path -> perturbation
-    records: dict[str, dict[str, tuple]] = dataclasses.field(
-        default_factory=lambda: {SITES: {}, TAPS: {}}
-    )
 
 
 @contextlib.contextmanager
@@ -145,21 +142,10 @@ def _check_name(name) -> None:
 
 
 def _nnx_path(module, name: str) -> tuple[tuple[str, ...], str]:
+    from guessgrad._src import nnx_bridge
+
     _check_name(name)
-    scope = _STATE.nnx
-    module_path = None if scope is None else scope.paths.get(id(module))
-    if module_path is None:
-        raise ValueError(
-            f"Site or tap {name!r} sits in an NNX {type(module).__name__} that is not a "
-            "module of the model the estimator runs: "
-            + (
-                "the estimator runs a linen model."
-                if scope is None
-                else "it was copied by an NNX transform (nnx.remat, nnx.scan and "
-                "nnx.vmap run copies of their modules). Unroll those layers with a "
-                "Python loop, and use jax.checkpoint inside the layer for remat."
-            )
-        )
+    module_path = nnx_bridge.module_path(module, running=_STATE.nnx is not None)
     return module_path, "/".join(module_path + (name,))
 
 
@@ -177,9 +163,9 @@ _TRANSFORM_HINT = (
 def _record(module: nn.Module, collection: str, name: str, value: Array) -> None:
     """Appends ``value`` to the entry of ``name`` (a module called twice leaves two)."""
     if _is_nnx(module):
-        records = _STATE.nnx.records[collection]
-        path = _nnx_path(module, name)[1]
-        records[path] = records.get(path, ()) + (value,)
+        from guessgrad._src import nnx_bridge
+
+        nnx_bridge.record(module, collection, name, value)
         return
     scope, key = module.scope, _PREFIX + name
     if not scope.is_mutable_collection(collection):
