@@ -592,21 +592,28 @@ def test_every_estimator_works_with_the_batch_sharded_on_an_explicit_mesh():
 
 @pytest.mark.slow
 def test_readme_your_own_model_examples_run(capsys):
-    """The README's examples, run as written (with a few steps instead of hundreds)."""
+    """The guides' examples of sites, local losses and frozen parameters, run as
+    written (with a few steps instead of hundreds), one namespace per page."""
     import os
     import re
 
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
-        readme = f.read()
-    section = readme.split("## Your own model", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
-    runnable = [
-        b for b in blocks if "import guessgrad as gg" in b or "mark_outputs(" in b
-    ]
-    assert len(runnable) == 5
-    namespace = {}
-    for block in runnable:
-        exec(re.sub(r"range\(\d+\)", "range(3)", block), namespace)  # noqa: S102
+    guides = os.path.join(os.path.dirname(__file__), "..", "docs", "guides")
+    sections = {
+        "marking_sites.md": ("## A residual MLP", "## A model you cannot edit"),
+        "local_losses.md": ("## Two blocks", "## Ren et al.'s LocalMixer"),
+        "frozen_parameters.md": ("## Prompt-only training",),
+    }
+    runnable = 0
+    for page, titles in sections.items():
+        with open(os.path.join(guides, page)) as f:
+            text = f.read()
+        namespace = {}
+        for title in titles:
+            section = text.split(title, 1)[1].split("\n## ", 1)[0]
+            for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL):
+                exec(re.sub(r"range\(\d+\)", "range(3)", block), namespace)  # noqa: S102
+                runnable += 1
+    assert runnable == 5
     printed = capsys.readouterr().out
     assert "(terminal: output guess)" in printed and "exact local gradient" in printed
     assert "the backbone did not move: True" in printed
