@@ -6,6 +6,9 @@ import setuptools
 
 _HERE = pathlib.Path(__file__).parent
 
+# The documentation site (docs/conf.py): sphinx-build -W -b html docs docs/_build/html.
+_DOCS = ["sphinx>=7.2", "myst-nb>=1.1", "sphinx-book-theme>=1.1"]
+
 setuptools.setup(
     name="guessgrad",
     version="0.2.0",
@@ -43,14 +46,17 @@ setuptools.setup(
             "pillow>=9",
             "importlib_resources>=5",
         ],
-        # nbclient, nbformat, ipykernel: tests/test_notebooks.py runs colab/*.ipynb.
+        # nbclient, nbformat, ipykernel: tests/test_notebooks.py runs colab/*.ipynb;
+        # the docs' packages: tests/test_docs.py builds the site.
         "test": [
             "pytest>=7.4",
             "pytest-xdist>=3.5",
             "nbclient>=0.10",
             "nbformat>=5.9",
             "ipykernel>=6.25",
+            *_DOCS,
         ],
+        "docs": _DOCS,
         "dev": ["ruff>=0.5"],
     },
 )

@@ -311,7 +311,7 @@ def directional(
     trainable=None,
     has_aux: bool = False,
 ) -> Estimator:
-    """Directional descent (weight perturbation, the forward gradient): ``g = (grad L . v) v``.
+    """Directional descent (weight perturbation, the forward gradient): ``g = (v^T grad L) v``.
 
     ``v ~ N(0, I)`` over the trainable parameters, one per guess, shared by
     the whole batch; ``grad L . v`` is one JVP. Unbiased: ``E[v v^T] = I``,

@@ -318,7 +318,7 @@ def one_step_effectiveness(
     Returns:
       ``ratio``: r; ``eta`` and ``backprop_eta``: the best step sizes;
       ``decrease`` and ``backprop_decrease``: the best decreases;
-      ``decreases`` and ``backprop_decreases``: every decrease, [|H|];
+      ``decreases`` and ``backprop_decreases``: every decrease, ``[|H|]``;
       ``etas``: H; ``backprop_at_edge``: whether backprop's best step is the
       smallest or largest of H (then widen the grid).
     """
