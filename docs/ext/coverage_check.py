@@ -35,21 +35,13 @@ from typing import Any
 #: Where the search for public modules starts.
 ROOTS = ("guessgrad", "guessgrad.experiment")
 
-#: The directives that document a name (and register it with Sphinx).
-DOCUMENTING = frozenset(
-    {
-        "autoattribute",
-        "autoclass",
-        "autodata",
-        "autodecorator",
-        "autoexception",
-        "autofunction",
-        "automethod",
-        "automodule",
-        "autoproperty",
-        "module",
-    }
-)
+_KINDS = ("attribute", "class", "data", "decorator", "exception", "function", "method")
+
+#: The directives that document a name (and register it with Sphinx): autodoc's,
+#: and the Python domain's written by hand (``.. py:function::``).
+DOCUMENTING = frozenset(_KINDS + ("module", "property")) | {
+    f"auto{kind}" for kind in _KINDS + ("module", "property")
+}
 
 _FENCE_OPEN = re.compile(r"^(?P<fence>`{3,}|~{3,})\{(?P<name>[\w:-]+)\}\s*(?P<arg>.*)$")
 _RST_DIRECTIVE = re.compile(r"^\.\.\s+(?:py:)?(?P<name>[\w-]+)::\s*(?P<arg>.*)$")
@@ -133,17 +125,14 @@ def read_page(path: str | pathlib.Path) -> Page:
     Reads fenced directives (```` ```{autofunction} site ````) and, inside
     ```` ```{eval-rst} ```` blocks, reStructuredText ones
     (``.. autofunction:: site``). A bare name is resolved against the current
-    module (``currentmodule`` or ``module``) the way Sphinx
-    resolves it.
+    module (``currentmodule`` or ``module``; not ``automodule``, whose module
+    Sphinx forgets after it) as Sphinx resolves it.
     """
     path = pathlib.Path(path)
     page = Page(path)
     current: str | None = None
     for name, arg, content in _directives(path.read_text(encoding="utf-8")):
-        if name in (
-            "currentmodule",
-            "module",
-        ):  # not automodule: Sphinx resets it after
+        if name in ("currentmodule", "module"):  # automodule's ends with it
             current = None if arg in ("", "None") else arg
         if name in ("module", "automodule"):
             page.modules.add(arg)
@@ -199,7 +188,7 @@ def _directives(text: str) -> Iterable[tuple[str, str, list[str]]]:
         if match["name"] == "eval-rst":
             yield from _rst_directives(content)
         else:
-            yield match["name"], match["arg"].strip(), content
+            yield match["name"].removeprefix("py:"), match["arg"].strip(), content
 
 
 def _rst_directives(lines: list[str]) -> Iterable[tuple[str, str, list[str]]]:
