@@ -58,10 +58,10 @@ import time
 import jax
 import numpy as np
 import optax
-import scipy.linalg
 from absl import app, flags
 
 import guessgrad as gg
+from benchmarks.common import exact_bases, site_gradients, sub_context, train
 from guessgrad import data as gdata
 from guessgrad import rules
 
@@ -115,48 +115,6 @@ def candidates(rank: int) -> dict[str, tuple]:
     out["filter d6"] = (rules.wperp_ns(rank, variant="vector", degree=6), None)
     out["wperp exact"] = (None, None)
     return out
-
-
-def train(model, params, loader: gdata.Loader, steps: int):
-    optimizer = optax.adamw(1e-3)
-    step = gg.make_train_step(
-        gg.get_estimator("backprop", model, has_aux=True), optimizer
-    )
-    state = gg.init_train_state(params, optimizer, jax.random.key(1))
-    metrics = {}
-    for index in range(steps):
-        state, metrics = step(state, loader.batch(index))
-    return state.params, {k: float(v) for k, v in metrics.items()}
-
-
-def exact_bases(ctx: rules.GuessContext, sites: list[int], rank: int):
-    """Per site: the exact top-``rank`` right singular vectors of each example's J_b.
-
-    Returns ``({site: (vk [E, k, n], values [E, k], jac [E, m, n])}, gap)``,
-    from the top eigenvectors of ``J_b^T J_b`` in float64 (LAPACK's subset
-    eigensolver: a full SVD of many 1024 x 1024 Jacobians takes minutes),
-    and the mean gap ratio ``sigma_{k+1}^2 / sigma_k^2``: the closer to 1,
-    the harder any polynomial in ``J^T J`` finds the top-k subspace.
-    """
-    out, gaps = {}, []
-    for index in sites:
-        jac = np.asarray(ctx.next_jacobian(index), np.float64)  # [E, m, n]
-        n = jac.shape[-1]
-        vecs, values = [], []
-        for j in jac:
-            w, v = scipy.linalg.eigh(j.T @ j, subset_by_index=[n - rank - 1, n - 1])
-            vecs.append(v[:, :0:-1].T)
-            values.append(w[:0:-1])
-            gaps.append(w[0] / w[1])
-        out[index] = (np.stack(vecs), np.stack(values), jac.astype(np.float32))
-    return out, float(np.mean(gaps))
-
-
-def site_gradients(model, params, batch, examples: int, sites: list[int]):
-    """The true ``dl_b/ds_l`` of the first ``examples`` examples (by backprop)."""
-    sub = {"image": batch["image"][:examples], "label": batch["label"][:examples]}
-    grads = list(gg.site_gradients(model, params, sub).values())  # forward order
-    return {i: np.asarray(grads[i], np.float64).reshape(examples, -1) for i in sites}
 
 
 def energy_metrics(ys, bases, grads) -> dict[str, float]:
@@ -243,11 +201,6 @@ def gradient_in_top_k(bases, grads) -> float:
             np.mean(np.sum(proj**2, -1) / np.maximum(np.sum(g**2, -1), 1e-300))
         )
     return float(np.mean(shares))
-
-
-def sub_context(model, params, batch, examples: int) -> rules.GuessContext:
-    sub = {"image": batch["image"][:examples], "label": batch["label"][:examples]}
-    return gg.guess_context(model, params, sub)
 
 
 def time_steps(model, params, batch, named_rules, modes, rounds, max_seconds):

@@ -70,11 +70,16 @@ HELP = {
     "or directional (the paper's step (g.u)u along the unit guess u).",
     "options.mask": "activation_perturbation: multiply the noise by the site's "
     "ReLU mask.",
-    "options.krylov_steps": "wperp_ns (variant krylov): Krylov steps (default: "
-    "enough for max(3 rank, 16) dimensions).",
+    "options.krylov_steps": "wperp_ns: Krylov steps (krylov default: enough for "
+    "max(3 rank, 16) dimensions; warm default: 0).",
     "options.block_size": "wperp_ns (variant krylov): vectors per Krylov block.",
     "options.degree": "wperp_ns (variant vector): the filter's degree.",
-    "options.variant": "wperp_ns: krylov (W-perp's subspace) or vector (a filter).",
+    "options.variant": "wperp_ns: krylov (W-perp's subspace), vector (a filter) or "
+    "warm (W-perp's subspace from a basis carried across steps).",
+    "options.subspace": "wperp_ns (variant warm): directions of the carried basis "
+    "(default rank + 3).",
+    "options.warmup": "wperp_ns (variant warm): subspace iterations that build the "
+    "first basis.",
     "options.cutoff": "wperp_ns: the filter's band edge in [0, 1] (0: a power filter).",
 }
 

@@ -47,6 +47,7 @@ from guessgrad._src.sites import site as site
 from guessgrad._src.sites import tap as tap
 from guessgrad._src.train import TrainState as TrainState
 from guessgrad._src.train import init_train_state as init_train_state
+from guessgrad._src.train import is_stateful as is_stateful
 from guessgrad._src.train import make_train_step as make_train_step
 
 __version__ = "0.2.0"
@@ -73,6 +74,7 @@ __all__ = (
     "get_estimator",
     "guess_context",
     "init_train_state",
+    "is_stateful",
     "make_train_step",
     "mark_outputs",
     "metrics",

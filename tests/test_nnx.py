@@ -232,6 +232,36 @@ def test_nnx_and_linen_twins_give_the_same_estimate(method, mode, model_name):
     )
 
 
+def test_a_stateful_estimator_on_nnx_carries_the_linen_twins_state():
+    """W-perp's warm start on an NNX module: the same state from init, the same
+    estimate and next state as on its linen twin; make_train_step threads it."""
+    linen_model, variables, nnx_model, batch = twins(LinenMLP, NNXMLP)
+    options = {"rank": 2, "variant": "warm", "subspace": 4}
+    on_linen = gg.get_estimator("wperp_ns", linen_model, **options)
+    on_nnx = gg.get_estimator("wperp_ns", nnx_model, **options)
+    assert gg.is_stateful(on_nnx)
+    params = nnx.state(nnx_model, nnx.Param)
+    state = on_nnx.init(params, batch)
+    linen_state = on_linen.init(variables, batch)
+    assert sorted(state) == sorted(linen_state)
+    np.testing.assert_allclose(flat(state), flat(linen_state), atol=1e-6)
+    key = jax.random.key(3)
+    grads, following = on_nnx(params, batch, key, state)
+    linen_grads, linen_following = on_linen(variables, batch, key, linen_state)
+    assert isinstance(grads, nnx.State)
+    np.testing.assert_allclose(
+        flat(as_pure(grads)), flat(linen_grads["params"]), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(flat(following), flat(linen_following), atol=1e-5)
+    optimizer = optax.sgd(0.1)
+    train = gg.init_train_state(
+        params, optimizer, jax.random.key(0), estimator=on_nnx, batch=batch
+    )
+    train, metrics = gg.make_train_step(on_nnx, optimizer)(train, batch)
+    assert bool(metrics["finite"])
+    assert jax.tree.structure(train.estimator_state) == jax.tree.structure(state)
+
+
 def test_backprop_on_nnx_is_jax_grad_through_nnx_merge():
     _, _, model, batch = twins(LinenBlocks, NNXBlocks)
     params = nnx.state(model, nnx.Param)

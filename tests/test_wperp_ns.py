@@ -551,3 +551,39 @@ def test_default_depth_gives_wperps_mean_direction_at_every_rank(trained_mlp_128
     block = gg.rules.KRYLOV_BLOCK
     assert gg.rules.wperp_ns_products(rank) == block * (2 * steps + 2)
     assert min(_mean_direction_cosines(*trained_mlp_128, rank, steps)) > 0.99
+
+
+@pytest.mark.parametrize("sigma", [1e-6, 1.0])
+def test_debiased_wt_covariance_and_mean_estimate(random_16, sigma):
+    """E[y y^T] = V Lambda (Lambda + sigma)^(-1) V^T by Monte Carlo (4000 keys), and
+    with a small sigma the mean estimate E[(g . y) y] is the site gradient itself
+    (g lies in J_b's row space): wt's bias removed."""
+    model, params, batch = random_16
+    ctx = gg.guess_context(model, params, batch)
+    rule = gg.rules.debiased_wt(sigma)
+    grads = list(gg.site_gradients(model, params, batch).values())
+    keys = jax.random.split(jax.random.key(0), 4000)
+    for index in _hidden(*random_16):
+        ys = np.asarray(jax.vmap(lambda k, i=index: rule(ctx, i, k))(keys), np.float64)
+        jac = np.asarray(ctx.next_jacobian(index), np.float64)
+        values, vectors = np.linalg.eigh(np.einsum("bmi,bmj->bij", jac, jac))
+        weights = np.maximum(values, 0) / (np.maximum(values, 0) + sigma)
+        expected = np.einsum("bik,bk,bjk->bij", vectors, weights, vectors)
+        covariance = np.einsum("dbi,dbj->bij", ys, ys) / len(keys)
+        rank = np.trace(expected, axis1=1, axis2=2)
+        noise = np.sqrt((rank + 1) / len(keys))
+        error = np.linalg.norm(covariance - expected, axis=(1, 2))
+        assert np.all(error < 4 * noise * np.linalg.norm(expected, axis=(1, 2)) + 1e-3)
+        g = np.asarray(grads[index], np.float64).reshape(ys.shape[1], -1)
+        mean = np.einsum("db,dbn->bn", np.einsum("bn,dbn->db", g, ys), ys) / len(keys)
+        want = np.einsum("bij,bj->bi", expected, g)
+        scale = (
+            np.linalg.norm(g, axis=-1, keepdims=True)
+            * 4
+            * np.sqrt(rank / len(keys))[:, None]
+        )
+        assert np.all(np.abs(mean - want) < scale + 1e-6)
+        if sigma < 1e-3:  # the projector on the row space: unbiased
+            np.testing.assert_allclose(want, g, atol=1e-4 * np.abs(g).max())
+        else:  # shrunk along small directions: biased towards the top
+            assert np.linalg.norm(want - g) > 1e-3 * np.linalg.norm(g)

@@ -240,13 +240,28 @@ def estimator_factory(factory: Callable) -> Callable:
         estimator = factory(bridge, *args, trainable=bridge.mask(trainable), **kwargs)
         has_aux = getattr(estimator, "has_aux", False)
 
-        @functools.wraps(estimator)
-        def estimate(params, batch, key):
-            # variables() checked that params have the template's structure.
-            out = estimator(bridge.variables(params), batch, key)
+        def grads_of(out):
             if has_aux:
                 return bridge.state(out[0]["params"]), out[1]
             return bridge.state(out["params"])
+
+        if callable(getattr(estimator, "init", None)):  # a stateful estimator
+
+            def estimate(params, batch, key, state):
+                out, state = estimator(bridge.variables(params), batch, key, state)
+                return grads_of(out), state
+
+            def init(params, batch, key=None):
+                return estimator.init(bridge.variables(params), batch, key)
+
+            estimate = functools.wraps(estimator)(estimate)
+            estimate.init = init
+        else:
+
+            @functools.wraps(estimator)
+            def estimate(params, batch, key):
+                # variables() checked that params have the template's structure.
+                return grads_of(estimator(bridge.variables(params), batch, key))
 
         estimate.has_aux = has_aux
         return estimate

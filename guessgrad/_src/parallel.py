@@ -345,10 +345,13 @@ class ParallelTrainStep:
       mesh: the data-parallel mesh.
       jitted: the underlying ``jax.jit`` function (with explicit shardings),
         for ``.lower(state, batch).compile()`` and inspection.
+      estimator: the estimator it steps with (a stateful one's ``init``
+        builds ``TrainState.estimator_state``).
     """
 
     mesh: Mesh
     jitted: Callable[[TrainState, Batch], tuple[TrainState, Aux]]
+    estimator: Estimator | None = None
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Aux]:
         """Places ``state`` and ``batch`` if they are not yet (a no-op after step one), then steps."""
@@ -400,4 +403,4 @@ def make_parallel_train_step(
         in_shardings=(state_sharding, data_sharding),
         out_shardings=(state_sharding, state_sharding),
     )
-    return ParallelTrainStep(mesh=mesh, jitted=jitted)
+    return ParallelTrainStep(mesh=mesh, jitted=jitted, estimator=estimator)

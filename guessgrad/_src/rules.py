@@ -92,6 +92,13 @@ class GuessContext(Protocol):
 GuessFn = Callable[[GuessContext, int, PRNGKey], Array]
 """``(ctx, site, key) -> y``: a guess with the site's shape ``[B, ...]``."""
 
+StatefulGuessFn = Callable[[GuessContext, int, PRNGKey, Any], tuple[Array, Any]]
+"""``(ctx, site, key, state) -> (y, state)``: a guess that reads and updates the
+site's state (a rule with ``init``)."""
+
+GuessInitFn = Callable[[GuessContext, int, PRNGKey], Any]
+"""``(ctx, site, key) -> state``: a stateful rule's state at a site before any step."""
+
 
 def normal_like(key: PRNGKey, ref: Array) -> Array:
     """N(0, I) noise with ``ref``'s shape, dtype (and sharding, on an Explicit mesh)."""
@@ -168,13 +175,21 @@ class GuessRule(NamedTuple):
       mask_after: pass every guess through the site's activation derivative
         ``D_l`` after any normalisation (Ren et al.'s ReLU mask on activity
         perturbation).
+      init: for a rule that carries state from step to step (a warm start),
+        ``(ctx, site, key) -> state``, the state of each site with a target
+        before the first step; ``guess`` is then ``(ctx, site, key, state)
+        -> (y, state)`` (:data:`StatefulGuessFn`), and its estimator is
+        stateful: ``(params, batch, key, state) -> (grads, state)`` with
+        ``init(params, batch)``. The state is a pytree of arrays whose shapes
+        do not depend on the batch size; terminal sites have none.
     """
 
-    guess: GuessFn
+    guess: GuessFn | StatefulGuessFn
     terminal: GuessFn = gaussian
     needs_label: bool = False
     lookahead: int = 1
     mask_after: bool = False
+    init: GuessInitFn | None = None
 
 
 def as_rule(rule: GuessRule | GuessFn) -> GuessRule:
@@ -204,6 +219,50 @@ def normalize_per_example(y: Array) -> Array:
     return scale_examples(scale.astype(y.dtype), y)
 
 
+def has_state(rule: GuessRule, ctx: GuessContext, site: int) -> bool:
+    """Whether ``rule`` keeps state at ``site`` (a stateful rule, a site with a target)."""
+    return rule.init is not None and not ctx.is_terminal(site)
+
+
+def init_site_state(rule: GuessRule, ctx: GuessContext, site: int, key: PRNGKey):
+    """A stateful rule's state at ``site`` before any step, seeded by ``fold_in(key, site)``."""
+    return rule.init(ctx, site, jax.random.fold_in(key, site))
+
+
+def site_guess_and_state(
+    rule: GuessRule,
+    ctx: GuessContext,
+    site: int,
+    key: PRNGKey,
+    normalize: bool = False,
+    state: Any = None,
+) -> tuple[Array, Any]:
+    """The guess at ``site`` and the site's next state (None where the rule keeps none).
+
+    ``fold_in(key, site)`` seeds the guess. A stateful rule given no
+    ``state`` starts from its ``init`` (a cold start, seeded from the same
+    key). ``normalize`` rescales each example's guess to norm ``sqrt(size)``
+    (:func:`normalize_per_example`); a ``mask_after`` rule's guess then goes
+    through ``D_l``, so masking keeps an isotropic guess unbiased:
+    ``E[D eps eps^T D] = D D``.
+    """
+    site_key = jax.random.fold_in(key, site)
+    new_state = None
+    if ctx.is_terminal(site):
+        guess = rule.terminal(ctx, site, site_key)
+    elif rule.init is not None:
+        if state is None:
+            state = rule.init(ctx, site, jax.random.split(site_key)[0])
+        guess, new_state = rule.guess(ctx, site, site_key, state)
+    else:
+        guess = rule.guess(ctx, site, site_key)
+    if normalize:
+        guess = normalize_per_example(guess)
+    if rule.mask_after:
+        guess = ctx.mask(site, guess)
+    return guess, new_state
+
+
 def site_guess(
     rule: GuessRule,
     ctx: GuessContext,
@@ -211,20 +270,6 @@ def site_guess(
     key: PRNGKey,
     normalize: bool = False,
 ) -> Array:
-    """The guess at ``site`` from the per-guess ``key``: ``fold_in(key, site)`` seeds it.
-
-    ``normalize`` rescales each example's guess to norm ``sqrt(size)``
-    (:func:`normalize_per_example`); a ``mask_after`` rule's guess then goes
-    through ``D_l``, so masking keeps an isotropic guess unbiased:
-    ``E[D eps eps^T D] = D D``.
-    """
-    site_key = jax.random.fold_in(key, site)
-    if ctx.is_terminal(site):
-        guess = rule.terminal(ctx, site, site_key)
-    else:
-        guess = rule.guess(ctx, site, site_key)
-    if normalize:
-        guess = normalize_per_example(guess)
-    if rule.mask_after:
-        guess = ctx.mask(site, guess)
-    return guess
+    """The guess at ``site`` (:func:`site_guess_and_state` without the state; a
+    stateful rule starts cold)."""
+    return site_guess_and_state(rule, ctx, site, key, normalize)[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +13,26 @@ from guessgrad._src.base import Aux, Batch, Estimator, Params, PRNGKey
 
 
 class TrainState(NamedTuple):
-    """Everything a step reads and writes. The step's key is ``fold_in(key, step)``."""
+    """Everything a step reads and writes. The step's key is ``fold_in(key, step)``.
+
+    ``estimator_state``: a stateful estimator's state (None for the rest),
+    threaded from step to step and saved with the rest.
+    """
 
     step: jax.Array
     params: Params
     opt_state: optax.OptState
     key: PRNGKey
+    estimator_state: Any = None
 
 
 def init_train_state(
-    params: Params, optimizer: optax.GradientTransformation, key: PRNGKey
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    key: PRNGKey,
+    *,
+    estimator: Estimator | None = None,
+    batch: Batch | None = None,
 ) -> TrainState:
     """Step 0 state, placed on the default device.
 
@@ -30,9 +40,31 @@ def init_train_state(
     committed arrays, and a first call on uncommitted ones would compile the
     step a second time. For several devices, pass the result to
     :func:`guessgrad.parallel.replicate`.
+
+    A stateful estimator (one with ``init``, such as ``wperp_ns(...,
+    variant="warm")``) needs its state: pass ``estimator`` and a ``batch``
+    to build it with ``estimator.init(params, batch)``. A stateless
+    ``estimator`` is accepted and adds nothing.
     """
-    state = TrainState(jnp.zeros([], jnp.int32), params, optimizer.init(params), key)
+    estimator_state = None
+    if estimator is not None and is_stateful(estimator):
+        if batch is None:
+            raise ValueError(
+                f"{getattr(estimator, '__name__', 'The estimator')} carries state "
+                "across steps: init_train_state needs a batch to build it "
+                "(init_train_state(params, optimizer, key, estimator=..., batch=...))."
+            )
+        estimator_state = estimator.init(params, batch)
+    state = TrainState(
+        jnp.zeros([], jnp.int32), params, optimizer.init(params), key, estimator_state
+    )
     return jax.device_put(state, jax.devices()[0])
+
+
+def is_stateful(estimator: Callable) -> bool:
+    """Whether ``estimator`` carries state across steps: ``(params, batch, key, state)
+    -> (grads, state)``, with ``estimator.init(params, batch) -> state``."""
+    return callable(getattr(estimator, "init", None))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -53,7 +85,10 @@ def make_train_step(
     """``(state, batch) -> (state, metrics)``: estimate, update, apply.
 
     ``estimator``: any ``(params, batch, key) -> grads``, e.g.
-    ``guessgrad.estimators.wt(model)``. With ``has_aux`` (by default the
+    ``guessgrad.estimators.wt(model)``, or a stateful one, ``(params,
+    batch, key, state) -> (grads, state)`` with ``init``, whose state the
+    step reads from and writes to ``state.estimator_state`` (build it with
+    :func:`init_train_state`'s ``estimator`` and ``batch``). With ``has_aux`` (by default the
     estimator's own ``has_aux`` attribute, else False) it returns ``(grads,
     metrics)`` and its metrics (the loss its forward pass computed) are
     passed through. The key for
@@ -70,13 +105,26 @@ def make_train_step(
 
     if has_aux is None:
         has_aux = bool(getattr(estimator, "has_aux", False))
+    stateful = is_stateful(estimator)
+    name = getattr(estimator, "__name__", "The estimator")
 
     def step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.key, state.step)
-        if has_aux:
-            grads, metrics = estimator(state.params, batch, key)
+        estimator_state = state.estimator_state
+        if stateful:
+            if estimator_state is None:
+                raise ValueError(
+                    f"{name} carries state across steps and the TrainState holds none: "
+                    "build it with init_train_state(params, optimizer, key, "
+                    "estimator=estimator, batch=batch)."
+                )
+            out, estimator_state = estimator(state.params, batch, key, estimator_state)
         else:
-            grads, metrics = estimator(state.params, batch, key), {}
+            out = estimator(state.params, batch, key)
+        if has_aux:
+            grads, metrics = out
+        else:
+            grads, metrics = out, {}
         if jax.tree.structure(grads) != jax.tree.structure(state.params):
             raise ValueError(
                 f"The estimator's grads must have the tree structure of params; got "
@@ -97,6 +145,11 @@ def make_train_step(
             params = keep(params, state.params)
             opt_state = keep(opt_state, state.opt_state)
         metrics = {**metrics, "finite": finite}
-        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+        if skip_nonfinite and stateful:
+            estimator_state = keep(estimator_state, state.estimator_state)
+        new_state = TrainState(
+            state.step + 1, params, opt_state, state.key, estimator_state
+        )
+        return new_state, metrics
 
     return jax.jit(step) if jit else step

@@ -9,16 +9,17 @@ and Rayleigh-Ritz (faithful, the default), or a one-vector polynomial filter
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from guessgrad._src.base import Array, PRNGKey
-from guessgrad._src.rules import GuessContext, GuessFn, normal_like
+from guessgrad._src.rules import GuessContext, GuessFn, GuessRule, normal_like
 from guessgrad._src.sharding import like_batch
 
-WPERP_NS_VARIANTS = ("krylov", "vector")
+WPERP_NS_VARIANTS = ("krylov", "vector", "warm")
 KRYLOV_BLOCK = 2  # Gaussian start vectors of the Krylov space, by default
 FILTER_DEGREE = 6  # the vector variant's filter degree, by default
 
@@ -52,6 +53,45 @@ def wperp(rank: int) -> GuessFn:
             * keep
         )
         return jnp.einsum("bk,bkn->bn", z, vh[:, :k]).reshape(site.shape)
+
+    return guess
+
+
+def debiased_wt(sigma: float = 1e-6) -> GuessFn:
+    """``y = (J_b^T J_b + sigma I)^(-1/2) J_b^T eps``: W^T's guess, whitened (exact).
+
+    ``J_b = W_{l+1} D_{l,b}`` per example (``ctx.next_jacobian``), eps ~ N(0,
+    I) at the target. With ``J_b^T J_b = V Lambda V^T``, ``Cov(y) = V
+    Lambda (Lambda + sigma I)^(-1) V^T``: the projector on ``J_b``'s row
+    space as ``sigma -> 0``, so the estimate is unbiased for a site gradient
+    in that row space (``D W^T delta``, every gradient a ReLU site can
+    have), at the cost of spreading the guess over every live direction
+    (W-perp's open question: the bias of ``wt`` removed, the variance of
+    activity perturbation on the live units back). ``sigma`` (absolute,
+    in the units of ``J^T J``'s eigenvalues) keeps small directions from
+    blowing up. One ``n x n`` eigendecomposition per example, site and
+    step, as exact :func:`wperp`.
+    """
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive; got {sigma!r}.")
+
+    def guess(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
+        site = ctx.value(index)
+        if site.dtype not in (jnp.float32, jnp.float64):
+            raise ValueError(
+                f"debiased_wt needs float32 or float64 (a per-example "
+                f"eigendecomposition); site {index} is {site.dtype}."
+            )
+        jac = ctx.next_jacobian(index)  # [B, m, n]
+        eps = like_batch(
+            jax.random.normal(key, jac.shape[:2], site.dtype), site
+        )  # [B, m]
+        pulled = _dot("bmn,bm->bn", jac, eps)  # J^T eps
+        values, vectors = jnp.linalg.eigh(_dot("bmi,bmj->bij", jac, jac))
+        scale = jax.lax.rsqrt(jnp.maximum(values, 0.0) + sigma)
+        coefficients = _dot("bnk,bn->bk", vectors, pulled) * scale
+        guess = _dot("bnk,bk->bn", vectors, coefficients)
+        return guess.reshape(site.shape)
 
     return guess
 
@@ -170,32 +210,78 @@ def orthonormal_rows(block: Array, basis: Array | None = None) -> Array:
     return jnp.stack(rows, axis=1)
 
 
+def _block_maps(ctx, index: int):
+    """``(push, pull)`` of the next map on blocks: [B, p, n...] <-> [B, p, m...]."""
+    push, pull = ctx.next_maps(index)
+    return (
+        jax.vmap(push, in_axes=1, out_axes=1),
+        jax.vmap(pull, in_axes=1, out_axes=1),
+    )
+
+
+def _flat(x: Array) -> Array:
+    return x.reshape(x.shape[:2] + (-1,))
+
+
+def orthonormal_block(block: Array, basis: Array | None = None) -> Array:
+    """:func:`orthonormal_rows` for wide blocks, by two passes of eigen-orthonormalisation.
+
+    Each [p, n] block, made orthogonal to ``basis`` (projected out twice),
+    is mapped to ``Lambda^(-1/2) V^T X`` with ``X X^T = V Lambda V^T``:
+    orthonormal rows spanning the same space, eigenvalues below ``rtol^2``
+    of the largest dropped (zero rows, as there); the second pass restores
+    the orthogonality the first loses to rounding. A few batched ``p x p``
+    eigendecompositions instead of ``p^2`` unrolled row operations, so
+    large blocks compile fast.
+    """
+    dtype = _subspace_dtype(block.dtype)
+    x = block.astype(dtype)
+    rtol = 10.0 * float(jnp.finfo(dtype).eps) ** 0.5
+    for _ in range(2):
+        if basis is not None:
+            for _ in range(2):
+                x = x - _dot("bpq,bqn->bpn", _dot("bpn,bqn->bpq", x, basis), basis)
+        values, vectors = jnp.linalg.eigh(_dot("bpn,bqn->bpq", x, x))
+        keep = values > (rtol**2) * values[:, -1:]
+        scale = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, values, 1.0)), 0.0)
+        x = _dot("bpq,bpn->bqn", vectors * scale[:, None, :], x)
+    return x
+
+
 def krylov_subspace(
-    ctx, index: int, key: PRNGKey, rank: int, block_size: int, depth: int
+    ctx,
+    index: int,
+    key: PRNGKey | None,
+    rank: int,
+    block_size: int,
+    depth: int,
+    start: Array | None = None,
+    orthonormalize: Callable[..., Array] = orthonormal_rows,
 ) -> tuple[Array, Array]:
     """Approximate top-``rank`` right singular vectors of each example's ``J_b``.
 
     Block Krylov space ``[Y, A Y, ..., A^depth Y]`` of ``A = J_b^T J_b``,
-    ``Y = J_b^T Omega`` with ``block_size`` Gaussian columns, orthonormalised
-    as it grows; then Rayleigh-Ritz. Returns ``(ritz, keep)``: [B, k, n]
+    ``Y = J_b^T Omega`` with ``block_size`` Gaussian columns (or ``start``,
+    a given [B, p, n] block in ``J_b``'s row space; ``key`` is then
+    unused), orthonormalised as it grows (``orthonormalize``:
+    :func:`orthonormal_rows`, or :func:`orthonormal_block` for wide
+    blocks); then Rayleigh-Ritz. Returns ``(ritz, keep)``: [B, k, n]
     orthonormal rows (flattened site), best first, and [B, k] whether each
     has a Ritz value above zero (directions of a row space smaller than
     ``k`` get no weight, as in exact W-perp).
     """
     site, nxt = ctx.value(index), ctx.value(ctx.target(index))
-    push, pull = ctx.next_maps(index)
-    pull_block = jax.vmap(pull, in_axes=1, out_axes=1)  # [B,p,m...] -> [B,p,n...]
-    push_block = jax.vmap(push, in_axes=1, out_axes=1)  # [B,p,n...] -> [B,p,m...]
+    push_block, pull_block = _block_maps(ctx, index)
     batch = site.shape[0]
-    omega = like_batch(
-        jax.random.normal(key, (batch, block_size) + nxt.shape[1:], nxt.dtype), nxt
-    )
-
-    def flat(x):
-        return x.reshape(x.shape[:2] + (-1,))
+    flat = _flat
+    if start is None:
+        omega = like_batch(
+            jax.random.normal(key, (batch, block_size) + nxt.shape[1:], nxt.dtype), nxt
+        )
+        start = flat(pull_block(omega))  # J^T Omega: in the row space
 
     basis, images = [], []
-    current = orthonormal_rows(flat(pull_block(omega)))  # J^T Omega: in the row space
+    current = orthonormalize(start)
     for step in range(depth + 1):
         basis.append(current)
         image = push_block(
@@ -204,7 +290,7 @@ def krylov_subspace(
         images.append(flat(image).astype(current.dtype))
         if step < depth:
             grown = flat(pull_block(image)).astype(current.dtype)  # J^T J q
-            current = orthonormal_rows(grown, jnp.concatenate(basis, axis=1))
+            current = orthonormalize(grown, jnp.concatenate(basis, axis=1))
     q = jnp.concatenate(basis, axis=1)  # [B, P, n], orthonormal (or zero) rows
     z = jnp.concatenate(images, axis=1)  # [B, P, m] = J q
     # Rayleigh-Ritz: q J^T J q^T = z z^T, no further product with the map.
@@ -227,21 +313,114 @@ def _wperp_krylov(ctx, index, key, rank, block_size, depth):
     return guess.astype(site.dtype).reshape(site.shape)
 
 
+WARM_MARGIN = 3  # the warm variant's shared subspace is rank + WARM_MARGIN, by default
+WARM_STEPS = 0  # its per-example Krylov steps from the warm start, by default
+WARMUP_ITERATIONS = 4  # subspace iterations of init on its batch
+
+
+def _mean_gram_step(ctx, index: int, basis: Array) -> tuple[Array, Array]:
+    """``(A_b S, S')``: the shared basis S [P, n] through every example's ``A_b =
+    J_b^T J_b`` ([B, P, n], in each row space), and ``S'``, the orthonormalised
+    batch sum ``sum_b A_b S``: one step of subspace iteration with the batch's
+    mean Gram operator, no product beyond the ``A_b S`` themselves."""
+    site = ctx.value(index)
+    push_block, pull_block = _block_maps(ctx, index)
+    tiled = jnp.broadcast_to(basis, (site.shape[0],) + basis.shape)
+    tiled = like_batch(tiled.astype(site.dtype), site).reshape(
+        (site.shape[0], basis.shape[0]) + site.shape[1:]
+    )
+    images = _flat(pull_block(push_block(tiled))).astype(basis.dtype)
+    return images, orthonormal_block(jnp.sum(images, axis=0)[None])[0]
+
+
+def _refill(basis: Array, key: PRNGKey) -> Array:
+    """Zero rows of an orthonormal [P, n] basis (a collapsed direction) replaced by
+    fresh Gaussian ones, orthonormal to the rest, so the subspace keeps its size.
+
+    Fresh rows nearly dependent on the rest are dropped again by the
+    orthonormalisation: a second draw covers that (rare) case.
+    """
+    for attempt in range(2):
+        dead = jnp.all(basis == 0, axis=-1, keepdims=True)
+        fresh = jax.random.normal(
+            jax.random.fold_in(key, attempt), basis.shape, basis.dtype
+        )
+        basis = orthonormal_block(jnp.where(dead, fresh, basis)[None])[0]
+    return basis
+
+
+def _warm_init(ctx, index: int, key: PRNGKey, block_size: int, warmup: int) -> Array:
+    site = ctx.value(index)
+    size = math.prod(site.shape[1:])
+    dtype = _subspace_dtype(site.dtype)
+    basis = orthonormal_block(jax.random.normal(key, (1, block_size, size), dtype))[0]
+    for step in range(warmup):
+        basis = _refill(
+            _mean_gram_step(ctx, index, basis)[1], jax.random.fold_in(key, step)
+        )
+    return basis
+
+
+def warm_subspace(
+    ctx, index: int, rank: int, depth: int, basis: Array
+) -> tuple[Array, Array, Array]:
+    """The warm variant's subspace: ``(ritz, keep, following)``.
+
+    ``ritz`` [B, k, n] and ``keep`` [B, k] as :func:`krylov_subspace` gives
+    them for the Krylov space of depth ``depth`` grown from ``A_b S`` (``S =
+    basis``, [P, n]); ``following``, the orthonormalised ``sum_b A_b S``:
+    the next basis before zero rows are refilled.
+    """
+    start, following = _mean_gram_step(ctx, index, basis)
+    ritz, keep = krylov_subspace(
+        ctx,
+        index,
+        None,
+        rank,
+        basis.shape[0],
+        depth,
+        start=start,
+        orthonormalize=orthonormal_block,
+    )
+    return ritz, keep, following
+
+
+def _wperp_warm(ctx, index, key, rank, depth, basis):
+    """``y = V_k z`` from the Krylov space grown from ``A_b S`` (S the warm basis);
+    the next state is one subspace-iteration step of S with the batch's mean
+    Gram operator."""
+    site = ctx.value(index)
+    z_key, refill_key = jax.random.split(key)
+    ritz, keep, following = warm_subspace(ctx, index, rank, depth, basis)
+    coefficients = jax.random.normal(z_key, keep.shape, ritz.dtype) * keep
+    coefficients = like_batch(coefficients, site)
+    guess = jnp.einsum("bk,bkn->bn", coefficients, ritz)
+    return guess.astype(site.dtype).reshape(site.shape), _refill(following, refill_key)
+
+
 def wperp_ns_products(
     rank: int,
     variant: str = "krylov",
     krylov_steps: int | None = None,
     block_size: int = KRYLOV_BLOCK,
     degree: int = FILTER_DEGREE,
+    subspace: int | None = None,
 ) -> int:
     """The ``W^T``-sized products (JVPs and VJPs of the next map) per site of :func:`wperp_ns`.
 
     Krylov: ``block_size * (2 krylov_steps + 2)`` (``krylov_steps`` by
-    default :func:`default_krylov_steps`); the filter: ``1 + 2 degree``.
+    default :func:`default_krylov_steps`); the filter: ``1 + 2 degree``;
+    warm: ``subspace * (2 krylov_steps + 3)`` (``krylov_steps`` by default
+    :data:`WARM_STEPS`, ``subspace`` by default ``rank + 3``).
     """
     _check_variant(variant)
     if variant == "vector":
         return 1 + 2 * degree
+    if variant == "warm":
+        steps = WARM_STEPS if krylov_steps is None else krylov_steps
+        if subspace is None:
+            subspace = rank + WARM_MARGIN
+        return subspace * (2 * steps + 3)
     if krylov_steps is None:
         krylov_steps = default_krylov_steps(rank, block_size)
     return block_size * (2 * krylov_steps + 2)
@@ -262,7 +441,9 @@ def wperp_ns(
     block_size: int = KRYLOV_BLOCK,
     degree: int = FILTER_DEGREE,
     cutoff: float = 1.0,
-) -> GuessFn:
+    subspace: int | None = None,
+    warmup: int = WARMUP_ITERATIONS,
+) -> GuessFn | GuessRule:
     """W-perp without an SVD: a guess in J_b's (approximate) top right singular subspace.
 
     ``variant="krylov"`` (default, faithful): per example, the block Krylov
@@ -285,14 +466,33 @@ def wperp_ns(
     unused: the filter fixes no rank, and within the top subspace the guess
     is weighted by the filter rather than isotropic as in exact W-perp.
 
-    Every product is a JVP or VJP of the next site map, so both variants work
-    for any site map; guesses lie in J_b's row space (zero on dead units).
+    ``variant="warm"`` (stateful: returns a :class:`GuessRule` with
+    ``init``): each site keeps a shared orthonormal basis ``S`` of
+    ``subspace`` directions (default ``rank + 3``) across steps (weights
+    move slowly). Per
+    example, the Krylov space of ``A = J_b^T J_b`` grows ``krylov_steps``
+    steps (default :data:`WARM_STEPS`) from ``A S`` instead of from
+    Gaussian vectors, then Rayleigh-Ritz and ``y = V_k z`` as above; the
+    next state is one step of subspace iteration with the batch's mean
+    ``A``, ``S' = orth(sum_b A_b S)``, from the products already made.
+    ``init`` starts from a Gaussian basis refined by ``warmup`` such steps
+    on its batch. Cost ``subspace * (2 d + 3)`` products.
+
+    Every product is a JVP or VJP of the next site map, so every variant
+    works for any site map; guesses lie in J_b's row space (zero on dead
+    units).
     """
     _check_variant(variant)
+    if variant == "warm" and krylov_steps is None:
+        krylov_steps = WARM_STEPS
+    if subspace is None:
+        subspace = rank + WARM_MARGIN
     for name, value, least in (
-        ("krylov_steps", krylov_steps, 1),
+        ("krylov_steps", krylov_steps, 0 if variant == "warm" else 1),
         ("block_size", block_size, 1),
         ("degree", degree, 1),
+        ("subspace", subspace, 1),
+        ("warmup", warmup, 0),
     ):
         if value is None and name == "krylov_steps":
             continue
@@ -305,6 +505,20 @@ def wperp_ns(
         )
     if krylov_steps is None:
         krylov_steps = default_krylov_steps(rank, block_size)
+    if variant == "warm":
+        if subspace < rank:
+            raise ValueError(
+                f"subspace must be at least rank ({rank}): the guesses' subspace "
+                f"is found inside it; got {subspace}."
+            )
+
+        def warm_guess(ctx: GuessContext, index: int, key: PRNGKey, basis):
+            return _wperp_warm(ctx, index, key, rank, krylov_steps, basis)
+
+        def warm_init(ctx: GuessContext, index: int, key: PRNGKey):
+            return _warm_init(ctx, index, key, subspace, warmup)
+
+        return GuessRule(guess=warm_guess, init=warm_init)
 
     def guess(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
         if variant == "krylov":

@@ -63,13 +63,20 @@ def _augmented(estimator, *, flatten: bool):
     takes them flat.
     """
 
-    def estimate(params, batch, key):
-        aug_key, estimator_key = jax.random.split(key)
-        images = data.augment(batch["image"], aug_key)
-        if flatten:
-            images = images.reshape(images.shape[0], -1)
-        return estimator(params, {**batch, "image": images}, estimator_key)
+    def flat(images):
+        return images.reshape(images.shape[0], -1) if flatten else images
 
+    def estimate(params, batch, key, *state):
+        aug_key, estimator_key = jax.random.split(key)
+        images = flat(data.augment(batch["image"], aug_key))
+        return estimator(params, {**batch, "image": images}, estimator_key, *state)
+
+    if gg.is_stateful(estimator):  # its state is built on the images it will see
+
+        def init(params, batch, key=None):
+            return estimator.init(params, {**batch, "image": flat(batch["image"])}, key)
+
+        estimate.init = init
     estimate.has_aux = getattr(estimator, "has_aux", False)
     return estimate
 

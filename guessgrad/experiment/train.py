@@ -205,7 +205,10 @@ def _set_up(config: Config, workdir: str, signals: Signals) -> _Run:
     params = config.model.init_params(model, init_key, init_images)
     # Replicated over the mesh (the batch is sharded over it): data parallel on
     # every local device, and over hosts under jax.distributed.
-    state = parallel.replicate(gg.init_train_state(params, optimizer, train_key), mesh)
+    state = gg.init_train_state(
+        params, optimizer, train_key, estimator=step_fn.estimator, batch=loader.batch(0)
+    )
+    state = parallel.replicate(state, mesh)
     # Trace the step before anything is written: what an estimator refuses only
     # on seeing the model and batch fails here. The step's first call reuses the trace.
     jax.eval_shape(step_fn.jitted, state, loader.batch(0))

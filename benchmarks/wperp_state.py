@@ -1,0 +1,251 @@
+"""W-perp with estimator state: the warm-started variant against the cold Krylov default.
+
+    python -m benchmarks.wperp_state                      # fidelity at 3x256, timing at 6x1024
+    python -m benchmarks.wperp_state --quick              # small and fast: a smoke run
+
+Fidelity (``--depth`` x ``--width`` MLP, trained by ``--train_steps`` steps
+of backprop on the packaged digits): per rank k in ``--ranks``, over the
+hidden sites and ``--examples`` examples of a held-out batch, the cosine
+between the mean estimate's direction at the site, ``P g`` (``P`` the
+projector on the found k-dimensional subspace, ``g`` the true site
+gradient), and exact W-perp's ``P_k g`` (``mean cos``; 1 is exact), and
+the relative projector error ``|P - P_k| / |P_k|`` (``proj``). The warm
+variant's state comes from ``init`` on a training batch followed by
+``--refine_steps`` steps on further training batches at the same weights
+(what it carries after as many training steps, if weights stood still).
+
+Timing (``--time_depth`` x ``--time_width``, batch ``--time_batch``): the
+median jitted training step (estimate + AdamW) per candidate, measured
+round-robin with ``wt`` in one process, and its ratio to ``wt``'s, in
+per-layer mode; ``products`` is the next-map products per site.
+Writes the rows as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags
+
+import guessgrad as gg
+from benchmarks.common import exact_bases, site_gradients, sub_context, train
+from guessgrad import data as gdata
+from guessgrad import rules
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "Small sizes: a smoke run.")
+flags.DEFINE_integer("depth", 3, "Hidden layers of the fidelity MLP.")
+flags.DEFINE_integer("width", 256, "Width of the fidelity MLP.")
+flags.DEFINE_list("ranks", ["3", "10"], "Ranks k to score.")
+flags.DEFINE_integer("train_steps", 300, "Backprop steps that train the MLP.")
+flags.DEFINE_integer("examples", 16, "Examples whose exact subspace is computed.")
+flags.DEFINE_integer("refine_steps", 20, "Warm-state steps before scoring.")
+flags.DEFINE_integer("time_depth", 6, "Hidden layers of the timed MLP.")
+flags.DEFINE_integer("time_width", 1024, "Width of the timed MLP.")
+flags.DEFINE_list("time_batches", ["128"], "Batch sizes of the timed step.")
+flags.DEFINE_integer("time_rank", 3, "Rank of the timed candidates.")
+flags.DEFINE_integer("rounds", 7, "Timed rounds (0: no timing).")
+flags.DEFINE_string("out", "benchmark_wperp_state.json", "Where to write the rows.")
+
+
+def warm_settings(rank: int) -> list[tuple[int, int]]:
+    """(subspace P, Krylov steps d) of the warm candidates at rank k."""
+    settings = [(rank + 2, 0), (rank + 3, 0), (2 * rank, 0), (rank + 3, 1)]
+    return list(dict.fromkeys(settings))  # (rank + 3, 0) is the default
+
+
+def candidates(rank: int) -> dict[str, dict]:
+    """name -> wperp_ns options."""
+    out = {"krylov (the default)": {"variant": "krylov"}}
+    for subspace, steps in warm_settings(rank):
+        default = (subspace, steps) == (rank + 3, 0)
+        out[f"warm P{subspace} d{steps}" + (" (warm default)" if default else "")] = {
+            "variant": "warm",
+            "subspace": subspace,
+            "krylov_steps": steps,
+        }
+    return out
+
+
+def scores(ritz, keep, vk, g, rank) -> tuple[float, float]:
+    """``(proj, mean cos)`` of the found subspace against the exact one, averaged over examples."""
+    v = np.asarray(ritz, np.float64) * np.asarray(keep, np.float64)[..., None]
+    overlap = np.sum(np.einsum("ekn,ejn->ekj", v, vk) ** 2, (1, 2))
+    size = np.sum(v**2, (1, 2))
+    proj = np.sqrt(np.maximum(size + rank - 2 * overlap, 0) / rank)
+    exact = np.einsum("ekn,ek->en", vk, np.einsum("ekn,en->ek", vk, g))
+    found = np.einsum("ekn,ek->en", v, np.einsum("ekn,en->ek", v, g))
+    norms = np.linalg.norm(exact, axis=-1) * np.linalg.norm(found, axis=-1)
+    cos = np.sum(exact * found, -1) / np.maximum(norms, 1e-300)
+    return float(np.mean(proj)), float(np.mean(cos))
+
+
+def warm_state(model, params, loader, rank, options, steps):
+    """The warm rule's per-site bases after ``init`` and ``steps`` refinements."""
+    rule = rules.wperp_ns(
+        rank,
+        variant="warm",
+        subspace=options["subspace"],
+        krylov_steps=options["krylov_steps"],
+    )
+    estimator = gg.estimators.from_rule(model, rule)
+    state = estimator.init(params, loader.batch(1))
+    step = jax.jit(estimator)
+    for index in range(steps):
+        _, state = step(params, loader.batch(2 + index), jax.random.key(index), state)
+    return list(state.values())  # forward order of the guessed sites
+
+
+def fidelity(dataset) -> list[dict]:
+    loader = gdata.Loader(
+        dataset.train_images, dataset.train_labels, 128, jax.random.key(0), flatten=True
+    )
+    model = gg.models.MLP(FLAGS.depth, FLAGS.width, dataset.num_classes)
+    params = model.init(jax.random.key(0), loader.batch(0)["image"])
+    params, _ = train(model, params, loader, FLAGS.train_steps)
+    held_out = {
+        "image": gdata.normalize(dataset.test_images[: FLAGS.examples], flatten=True),
+        "label": dataset.test_labels[: FLAGS.examples],
+    }
+    ctx = sub_context(model, params, held_out, FLAGS.examples)
+    # MLP(depth): depth - 1 hidden sites, then the logits.
+    widths = [FLAGS.width] * (FLAGS.depth - 1) + [dataset.num_classes]
+    rows = []
+    for rank in [int(r) for r in FLAGS.ranks]:
+        # Sites whose next map has more than k outputs (else any guess is in the top k).
+        sites = [i for i in range(FLAGS.depth - 1) if widths[i + 1] > rank]
+        grads = site_gradients(model, params, held_out, FLAGS.examples, sites)
+        bases, _ = exact_bases(ctx, sites, rank)
+        for name, options in candidates(rank).items():
+            if options["variant"] == "krylov":
+                steps = rules.default_krylov_steps(rank)
+
+                def space(i, steps=steps, rank=rank):
+                    return rules.krylov_subspace(
+                        ctx, i, jax.random.key(i), rank, rules.KRYLOV_BLOCK, steps
+                    )
+
+                products = rules.wperp_ns_products(rank)
+            else:
+                state = warm_state(
+                    model, params, loader, rank, options, FLAGS.refine_steps
+                )
+
+                def space(i, state=state, options=options, rank=rank):
+                    ritz, keep, _ = rules.warm_subspace(
+                        ctx, i, rank, options["krylov_steps"], state[i]
+                    )
+                    return ritz, keep
+
+                products = rules.wperp_ns_products(
+                    rank,
+                    "warm",
+                    options["krylov_steps"],
+                    subspace=options["subspace"],
+                )
+            found = jax.jit(
+                lambda sites=sites, space=space: [space(i) for i in sites]
+            )()
+            per_site = [
+                scores(ritz, keep, bases[i][0], grads[i], rank)
+                for i, (ritz, keep) in zip(sites, found)
+            ]
+            row = {
+                "rank": rank,
+                "name": name,
+                "products": products,
+                "proj": float(np.mean([p for p, _ in per_site])),
+                "mean_cos": float(np.mean([c for _, c in per_site])),
+            }
+            rows.append(row)
+            print(
+                f"  k={rank:2d} {name:26s} products {products:3d} proj "
+                f"{row['proj']:.3f} mean cos {row['mean_cos']:.4f}",
+                flush=True,
+            )
+    return rows
+
+
+def timing(dataset, batch_size: int) -> list[dict]:
+    loader = gdata.Loader(
+        dataset.train_images,
+        dataset.train_labels,
+        batch_size,
+        jax.random.key(0),
+        flatten=True,
+    )
+    batch = loader.batch(0)
+    model = gg.models.MLP(FLAGS.time_depth, FLAGS.time_width, dataset.num_classes)
+    params = model.init(jax.random.key(0), batch["image"])
+    optimizer = optax.adamw(1e-4)
+    rank = FLAGS.time_rank
+    named = {"wt": gg.get_estimator("wt", model, has_aux=True)}
+    for name, options in candidates(rank).items():
+        named[name] = gg.get_estimator(
+            "wperp_ns", model, rank=rank, has_aux=True, **options
+        )
+    entries = []
+    for name, estimator in named.items():
+        state = gg.init_train_state(
+            params, optimizer, jax.random.key(1), estimator=estimator, batch=batch
+        )
+        step = gg.make_train_step(estimator, optimizer).lower(state, batch).compile()
+        jax.block_until_ready(step(state, batch))
+        entries.append({"name": name, "step": step, "state": state, "times": []})
+        print(f"  compiled {name}", flush=True)
+    for _ in range(FLAGS.rounds):
+        for entry in entries:
+            t0 = time.perf_counter()
+            jax.block_until_ready(entry["step"](entry["state"], batch))
+            entry["times"].append(time.perf_counter() - t0)
+    base = statistics.median(entries[0]["times"])
+    rows = []
+    for entry in entries:
+        median = statistics.median(entry["times"])
+        rows.append(
+            {
+                "batch": batch_size,
+                "name": entry["name"],
+                "ms": 1e3 * median,
+                "x_wt": median / base,
+            }
+        )
+        print(
+            f"  batch {batch_size} {entry['name']:26s} {1e3 * median:8.1f} ms "
+            f"{median / base:5.2f}x wt",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv):
+    del argv
+    if FLAGS.quick:
+        FLAGS.width, FLAGS.train_steps, FLAGS.examples = 64, 50, 4
+        FLAGS.refine_steps, FLAGS.time_width, FLAGS.time_depth = 3, 128, 3
+        FLAGS.rounds = min(FLAGS.rounds, 3)
+    dataset = gdata.load()
+    print(f"fidelity: trained {FLAGS.depth}x{FLAGS.width} MLP", flush=True)
+    rows = {"fidelity": fidelity(dataset), "timing": []}
+    if FLAGS.rounds:
+        print(
+            f"timing: {FLAGS.time_depth}x{FLAGS.time_width} MLP, rank "
+            f"{FLAGS.time_rank}, per-layer, on {jax.devices()[0].platform}",
+            flush=True,
+        )
+        for batch_size in [int(b) for b in FLAGS.time_batches]:
+            rows["timing"] += timing(dataset, batch_size)
+    rows["device"] = f"{jax.devices()[0].device_kind} ({platform.machine()})"
+    with open(FLAGS.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
