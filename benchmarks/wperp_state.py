@@ -51,6 +51,12 @@ flags.DEFINE_integer("time_width", 1024, "Width of the timed MLP.")
 flags.DEFINE_list("time_batches", ["128"], "Batch sizes of the timed step.")
 flags.DEFINE_integer("time_rank", 3, "Rank of the timed candidates.")
 flags.DEFINE_integer("rounds", 7, "Timed rounds (0: no timing).")
+flags.DEFINE_list(
+    "cosine_widths", [], "Widths W of trained 6xW MLPs for whole-network cosines."
+)
+flags.DEFINE_integer("cosine_rank", 10, "Rank of the whole-network cosines.")
+flags.DEFINE_integer("cosine_batch", 8, "Examples per whole-network cosine.")
+flags.DEFINE_integer("cosine_batches", 32, "Batches (one key each) they average.")
 flags.DEFINE_string("out", "benchmark_wperp_state.json", "Where to write the rows.")
 
 
@@ -224,6 +230,80 @@ def timing(dataset, batch_size: int) -> list[dict]:
     return rows
 
 
+def ratio_with_error(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``mean(a) / mean(b)`` and its standard error (delta method, paired samples)."""
+    n = len(a)
+    ma, mb = np.mean(a), np.mean(b)
+    ratio = ma / mb
+    cov = np.cov(a, b) if n > 1 else np.zeros((2, 2))
+    var = (cov[0, 0] / ma**2 + cov[1, 1] / mb**2 - 2 * cov[0, 1] / (ma * mb)) / n
+    return float(ratio), float(abs(ratio) * np.sqrt(max(var, 0.0)))
+
+
+def whole_network_cosines(dataset, width: int) -> list[dict]:
+    """Cosine of one estimate with the batch's true gradient at a trained 6x``width``
+    MLP, per method: ``--cosine_batches`` held-out batches of ``--cosine_batch``
+    examples, one key each, the same batches and keys for every method (paired:
+    the ratio to exact W-perp's has a smaller error than either mean)."""
+    loader = gdata.Loader(
+        dataset.train_images, dataset.train_labels, 128, jax.random.key(0), flatten=True
+    )
+    model = gg.models.MLP(6, width, dataset.num_classes)
+    params = model.init(jax.random.key(0), loader.batch(0)["image"])
+    params, _ = train(model, params, loader, FLAGS.train_steps)
+    rank = FLAGS.cosine_rank
+    backprop = gg.get_estimator("backprop", model)
+    true_grad = jax.jit(lambda p, b: backprop(p, b, None))
+    warm = gg.get_estimator("wperp_ns", model, rank=rank, variant="warm")
+    state = warm.init(params, loader.batch(1))
+    warm_step = jax.jit(warm)
+    for index in range(FLAGS.refine_steps):
+        _, state = warm_step(
+            params, loader.batch(2 + index), jax.random.key(index), state
+        )
+    methods = {
+        "wt": gg.get_estimator("wt", model),
+        "wperp exact": gg.get_estimator("wperp", model, rank=rank),
+        "wperp_ns krylov (default)": gg.get_estimator("wperp_ns", model, rank=rank),
+        "wperp_ns warm": lambda p, b, k: warm(p, b, k, state)[0],
+    }
+    size, count = FLAGS.cosine_batch, FLAGS.cosine_batches
+    images = gdata.normalize(dataset.test_images[: size * count], flatten=True)
+    labels = dataset.test_labels[: size * count]
+    cosines = {}
+    for name, estimator in methods.items():
+        estimate = jax.jit(estimator)
+        values = []
+        for index in range(count):
+            batch = {
+                "image": images[index * size : (index + 1) * size],
+                "label": labels[index * size : (index + 1) * size],
+            }
+            g_hat = estimate(params, batch, jax.random.key(index))
+            values.append(float(gg.metrics.cosine(g_hat, true_grad(params, batch))))
+        cosines[name] = np.array(values)
+        print(f"  6x{width} {name:28s} cosine {np.mean(values):.4f}", flush=True)
+    rows = []
+    for name, values in cosines.items():
+        ratio, error = ratio_with_error(values, cosines["wperp exact"])
+        rows.append(
+            {
+                "width": width,
+                "name": name,
+                "cosine": float(np.mean(values)),
+                "sem": float(np.std(values, ddof=1) / np.sqrt(len(values))),
+                "ratio_to_exact": ratio,
+                "ratio_sem": error,
+            }
+        )
+        print(
+            f"  6x{width} {name:28s} cosine {rows[-1]['cosine']:.4f} +- "
+            f"{rows[-1]['sem']:.4f}; / exact {ratio:.3f} +- {error:.3f}",
+            flush=True,
+        )
+    return rows
+
+
 def main(argv):
     del argv
     if FLAGS.quick:
@@ -241,6 +321,10 @@ def main(argv):
         )
         for batch_size in [int(b) for b in FLAGS.time_batches]:
             rows["timing"] += timing(dataset, batch_size)
+    rows["cosines"] = []
+    for width in [int(w) for w in FLAGS.cosine_widths]:
+        print(f"whole-network cosines: trained 6x{width} MLP, per-layer", flush=True)
+        rows["cosines"] += whole_network_cosines(dataset, width)
     rows["device"] = f"{jax.devices()[0].device_kind} ({platform.machine()})"
     with open(FLAGS.out, "w") as f:
         json.dump(rows, f, indent=1)

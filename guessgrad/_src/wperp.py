@@ -30,6 +30,20 @@ def _singular_tolerance(singular_values: Array) -> Array:
     return singular_values[..., :1] * eps * max(singular_values.shape[-1], 1) * 10
 
 
+def _site_and_jacobian(
+    ctx, index: int, who: str, why: str, advice: str = ""
+) -> tuple[Array, Array]:
+    """The site's value and ``J_b`` [B, m, n], for rules that factorise ``J_b``
+    (float32 or float64 sites only: a clear error otherwise)."""
+    site = ctx.value(index)
+    if site.dtype not in (jnp.float32, jnp.float64):
+        raise ValueError(
+            f"{who} needs float32 or float64 ({why}); site {index} is "
+            f"{site.dtype}.{advice}"
+        )
+    return site, ctx.next_jacobian(index)
+
+
 def wperp(rank: int) -> GuessFn:
     """``V_k z``, z ~ N(0, I_k), V_k the top-``rank`` right singular vectors of J_b (exact SVD).
 
@@ -38,13 +52,13 @@ def wperp(rank: int) -> GuessFn:
     """
 
     def guess(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-        site = ctx.value(index)
-        if site.dtype not in (jnp.float32, jnp.float64):
-            raise ValueError(
-                f"Exact wperp needs float32 or float64 (a per-example SVD); site {index} is "
-                f"{site.dtype}. Use wperp_ns, which needs only matrix products."
-            )
-        jac = ctx.next_jacobian(index)  # [B, m, n]
+        site, jac = _site_and_jacobian(
+            ctx,
+            index,
+            "Exact wperp",
+            "a per-example SVD",
+            " Use wperp_ns, which needs only matrix products.",
+        )
         _, singular_values, vh = jnp.linalg.svd(jac, full_matrices=False)
         k = min(rank, vh.shape[1])
         keep = singular_values[:, :k] > _singular_tolerance(singular_values)
@@ -76,13 +90,9 @@ def debiased_wt(sigma: float = 1e-6) -> GuessFn:
         raise ValueError(f"sigma must be positive; got {sigma!r}.")
 
     def guess(ctx: GuessContext, index: int, key: PRNGKey) -> Array:
-        site = ctx.value(index)
-        if site.dtype not in (jnp.float32, jnp.float64):
-            raise ValueError(
-                f"debiased_wt needs float32 or float64 (a per-example "
-                f"eigendecomposition); site {index} is {site.dtype}."
-            )
-        jac = ctx.next_jacobian(index)  # [B, m, n]
+        site, jac = _site_and_jacobian(
+            ctx, index, "debiased_wt", "a per-example eigendecomposition"
+        )
         eps = like_batch(
             jax.random.normal(key, jac.shape[:2], site.dtype), site
         )  # [B, m]
