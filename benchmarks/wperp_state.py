@@ -57,6 +57,13 @@ flags.DEFINE_list(
 flags.DEFINE_integer("cosine_rank", 10, "Rank of the whole-network cosines.")
 flags.DEFINE_integer("cosine_batch", 8, "Examples per whole-network cosine.")
 flags.DEFINE_integer("cosine_batches", 32, "Batches (one key each) they average.")
+flags.DEFINE_list(
+    "cosine_methods",
+    ["wt", "wperp", "krylov", "warm"],
+    "Methods of the whole-network cosines (wperp is always added: the ratios' "
+    "reference); also debiased (rules.debiased_wt).",
+)
+flags.DEFINE_float("debiased_sigma", 1e-6, "sigma of debiased_wt.")
 flags.DEFINE_string("out", "benchmark_wperp_state.json", "Where to write the rows.")
 
 
@@ -230,6 +237,16 @@ def timing(dataset, batch_size: int) -> list[dict]:
     return rows
 
 
+# --cosine_methods names -> the methods' row names.
+COSINE_METHODS = {
+    "wt": "wt",
+    "wperp": "wperp exact",
+    "krylov": "wperp_ns krylov (default)",
+    "warm": "wperp_ns warm",
+    "debiased": "debiased wt",
+}
+
+
 def ratio_with_error(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """``mean(a) / mean(b)`` and its standard error (delta method, paired samples)."""
     n = len(a)
@@ -266,7 +283,12 @@ def whole_network_cosines(dataset, width: int) -> list[dict]:
         "wperp exact": gg.get_estimator("wperp", model, rank=rank),
         "wperp_ns krylov (default)": gg.get_estimator("wperp_ns", model, rank=rank),
         "wperp_ns warm": lambda p, b, k: warm(p, b, k, state)[0],
+        "debiased wt": gg.estimators.from_rule(
+            model, gg.rules.debiased_wt(FLAGS.debiased_sigma)
+        ),
     }
+    chosen = {COSINE_METHODS[name] for name in FLAGS.cosine_methods}
+    methods = {name: fn for name, fn in methods.items() if name in chosen}
     size, count = FLAGS.cosine_batch, FLAGS.cosine_batches
     images = gdata.normalize(dataset.test_images[: size * count], flatten=True)
     labels = dataset.test_labels[: size * count]
@@ -311,8 +333,10 @@ def main(argv):
         FLAGS.refine_steps, FLAGS.time_width, FLAGS.time_depth = 3, 128, 3
         FLAGS.rounds = min(FLAGS.rounds, 3)
     dataset = gdata.load()
-    print(f"fidelity: trained {FLAGS.depth}x{FLAGS.width} MLP", flush=True)
-    rows = {"fidelity": fidelity(dataset), "timing": []}
+    rows = {"fidelity": [], "timing": []}
+    if FLAGS.ranks:
+        print(f"fidelity: trained {FLAGS.depth}x{FLAGS.width} MLP", flush=True)
+        rows["fidelity"] = fidelity(dataset)
     if FLAGS.rounds:
         print(
             f"timing: {FLAGS.time_depth}x{FLAGS.time_width} MLP, rank "
@@ -322,6 +346,13 @@ def main(argv):
         for batch_size in [int(b) for b in FLAGS.time_batches]:
             rows["timing"] += timing(dataset, batch_size)
     rows["cosines"] = []
+    unknown = set(FLAGS.cosine_methods) - set(COSINE_METHODS)
+    if unknown:
+        raise app.UsageError(
+            f"--cosine_methods: unknown {sorted(unknown)}; choose from "
+            f"{sorted(COSINE_METHODS)}."
+        )
+    FLAGS.cosine_methods = sorted(set(FLAGS.cosine_methods) | {"wperp"})
     for width in [int(w) for w in FLAGS.cosine_widths]:
         print(f"whole-network cosines: trained 6x{width} MLP, per-layer", flush=True)
         rows["cosines"] += whole_network_cosines(dataset, width)

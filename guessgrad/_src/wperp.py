@@ -258,6 +258,19 @@ def orthonormal_block(block: Array, basis: Array | None = None) -> Array:
     return x
 
 
+GRAM_SCHMIDT_ROWS = 16  # blocks up to this many rows: Gram-Schmidt, else eigh passes
+
+
+def orthonormalize_block(block: Array, basis: Array | None = None) -> Array:
+    """:func:`orthonormal_rows` for blocks of up to :data:`GRAM_SCHMIDT_ROWS`
+    rows (vector operations only: cheap on accelerators, where small batched
+    eigendecompositions are slow kernels), :func:`orthonormal_block` above
+    (the unrolled Gram-Schmidt grows as rows squared and compiles slowly)."""
+    if block.shape[1] <= GRAM_SCHMIDT_ROWS:
+        return orthonormal_rows(block, basis)
+    return orthonormal_block(block, basis)
+
+
 def krylov_subspace(
     ctx,
     index: int,
@@ -340,7 +353,7 @@ def _mean_gram_step(ctx, index: int, basis: Array) -> tuple[Array, Array]:
         (site.shape[0], basis.shape[0]) + site.shape[1:]
     )
     images = _flat(pull_block(push_block(tiled))).astype(basis.dtype)
-    return images, orthonormal_block(jnp.sum(images, axis=0)[None])[0]
+    return images, orthonormalize_block(jnp.sum(images, axis=0)[None])[0]
 
 
 def _refill(basis: Array, key: PRNGKey) -> Array:
@@ -355,7 +368,7 @@ def _refill(basis: Array, key: PRNGKey) -> Array:
         fresh = jax.random.normal(
             jax.random.fold_in(key, attempt), basis.shape, basis.dtype
         )
-        basis = orthonormal_block(jnp.where(dead, fresh, basis)[None])[0]
+        basis = orthonormalize_block(jnp.where(dead, fresh, basis)[None])[0]
     return basis
 
 
@@ -363,7 +376,9 @@ def _warm_init(ctx, index: int, key: PRNGKey, block_size: int, warmup: int) -> A
     site = ctx.value(index)
     size = math.prod(site.shape[1:])
     dtype = _subspace_dtype(site.dtype)
-    basis = orthonormal_block(jax.random.normal(key, (1, block_size, size), dtype))[0]
+    basis = orthonormalize_block(jax.random.normal(key, (1, block_size, size), dtype))[
+        0
+    ]
     for step in range(warmup):
         basis = _refill(
             _mean_gram_step(ctx, index, basis)[1], jax.random.fold_in(key, step)
@@ -390,7 +405,7 @@ def warm_subspace(
         basis.shape[0],
         depth,
         start=start,
-        orthonormalize=orthonormal_block,
+        orthonormalize=orthonormalize_block,
     )
     return ritz, keep, following
 
