@@ -66,3 +66,17 @@ def site_gradients(model, params, batch, examples: int, sites: list[int]):
 def sub_context(model, params, batch, examples: int) -> rules.GuessContext:
     sub = {"image": batch["image"][:examples], "label": batch["label"][:examples]}
     return gg.guess_context(model, params, sub)
+
+
+def subspace_scores(ritz, keep, vk, g, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: the found subspace's projector error ``|P - P_k| / |P_k|`` and the
+    cosine of ``P g`` with exact W-perp's ``P_k g`` (``ritz`` [E, k, n] with ``keep``
+    [E, k] against the exact ``vk`` [E, k, n]; ``g`` the true site gradients)."""
+    v = np.asarray(ritz, np.float64) * np.asarray(keep, np.float64)[..., None]
+    overlap = np.sum(np.einsum("ekn,ejn->ekj", v, vk) ** 2, (1, 2))
+    size = np.sum(v**2, (1, 2))  # the found rank (k, or fewer live directions)
+    proj = np.sqrt(np.maximum(size + rank - 2 * overlap, 0) / rank)
+    exact = np.einsum("ekn,ek->en", vk, np.einsum("ekn,en->ek", vk, g))
+    found = np.einsum("ekn,ek->en", v, np.einsum("ekn,en->ek", v, g))
+    norms = np.linalg.norm(exact, axis=-1) * np.linalg.norm(found, axis=-1)
+    return proj, np.sum(exact * found, -1) / np.maximum(norms, 1e-300)

@@ -61,7 +61,13 @@ import optax
 from absl import app, flags
 
 import guessgrad as gg
-from benchmarks.common import exact_bases, site_gradients, sub_context, train
+from benchmarks.common import (
+    exact_bases,
+    site_gradients,
+    sub_context,
+    subspace_scores,
+    train,
+)
 from guessgrad import data as gdata
 from guessgrad import rules
 
@@ -157,19 +163,9 @@ def subspace_metrics(ctx, sites, rank, setting, bases, grads, key) -> dict[str, 
     )(key)
     errors, cosines = [], []
     for index, (ritz, keep) in zip(sites, spaces):
-        v = np.asarray(ritz, np.float64) * np.asarray(keep, np.float64)[..., None]
-        vk, g = bases[index][0], grads[index]
-        overlap = np.sum(np.einsum("ekn,ejn->ekj", v, vk) ** 2, (1, 2))
-        size = np.sum(v**2, (1, 2))  # the found rank (k, or fewer live directions)
-        errors.append(np.sqrt(np.maximum(size + rank - 2 * overlap, 0) / rank))
-        exact = np.einsum("ekn,ek->en", vk, np.einsum("ekn,en->ek", vk, g))
-        found = np.einsum("ekn,ek->en", v, np.einsum("ekn,en->ek", v, g))
-        cosines.append(
-            np.sum(exact * found, -1)
-            / np.maximum(
-                np.linalg.norm(exact, axis=-1) * np.linalg.norm(found, axis=-1), 1e-300
-            )
-        )
+        error, cosine = subspace_scores(ritz, keep, bases[index][0], grads[index], rank)
+        errors.append(error)
+        cosines.append(cosine)
     return {"proj": float(np.mean(errors)), "mean_cos": float(np.mean(cosines))}
 
 

@@ -34,7 +34,13 @@ import optax
 from absl import app, flags
 
 import guessgrad as gg
-from benchmarks.common import exact_bases, site_gradients, sub_context, train
+from benchmarks.common import (
+    exact_bases,
+    site_gradients,
+    sub_context,
+    subspace_scores,
+    train,
+)
 from guessgrad import data as gdata
 from guessgrad import rules
 
@@ -84,19 +90,6 @@ def candidates(rank: int) -> dict[str, dict]:
             "krylov_steps": steps,
         }
     return out
-
-
-def scores(ritz, keep, vk, g, rank) -> tuple[float, float]:
-    """``(proj, mean cos)`` of the found subspace against the exact one, averaged over examples."""
-    v = np.asarray(ritz, np.float64) * np.asarray(keep, np.float64)[..., None]
-    overlap = np.sum(np.einsum("ekn,ejn->ekj", v, vk) ** 2, (1, 2))
-    size = np.sum(v**2, (1, 2))
-    proj = np.sqrt(np.maximum(size + rank - 2 * overlap, 0) / rank)
-    exact = np.einsum("ekn,ek->en", vk, np.einsum("ekn,en->ek", vk, g))
-    found = np.einsum("ekn,ek->en", v, np.einsum("ekn,en->ek", v, g))
-    norms = np.linalg.norm(exact, axis=-1) * np.linalg.norm(found, axis=-1)
-    cos = np.sum(exact * found, -1) / np.maximum(norms, 1e-300)
-    return float(np.mean(proj)), float(np.mean(cos))
 
 
 def warm_state(model, params, loader, rank, options, steps):
@@ -166,7 +159,10 @@ def fidelity(dataset) -> list[dict]:
                 lambda sites=sites, space=space: [space(i) for i in sites]
             )()
             per_site = [
-                scores(ritz, keep, bases[i][0], grads[i], rank)
+                [
+                    float(np.mean(x))
+                    for x in subspace_scores(ritz, keep, bases[i][0], grads[i], rank)
+                ]
                 for i, (ritz, keep) in zip(sites, found)
             ]
             row = {

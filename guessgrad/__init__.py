@@ -18,6 +18,7 @@ from guessgrad import models as models
 from guessgrad import parallel as parallel
 from guessgrad import rules as rules
 from guessgrad._src.base import Estimator as Estimator
+from guessgrad._src.base import is_stateful as is_stateful
 from guessgrad._src.estimators import DEFAULT_MODE as DEFAULT_MODE
 from guessgrad._src.estimators import ESTIMATORS as ESTIMATORS
 from guessgrad._src.estimators import MODES as MODES
@@ -47,7 +48,6 @@ from guessgrad._src.sites import site as site
 from guessgrad._src.sites import tap as tap
 from guessgrad._src.train import TrainState as TrainState
 from guessgrad._src.train import init_train_state as init_train_state
-from guessgrad._src.train import is_stateful as is_stateful
 from guessgrad._src.train import make_train_step as make_train_step
 
 __version__ = "0.2.0"

@@ -25,3 +25,9 @@ class Estimator(Protocol):
 
 
 EstimateFn = Callable[[Params, Batch, PRNGKey], Grads]
+
+
+def is_stateful(estimator: Callable) -> bool:
+    """Whether ``estimator`` carries state across steps: ``(params, batch, key, state)
+    -> (grads, state)``, with ``estimator.init(params, batch) -> state``."""
+    return callable(getattr(estimator, "init", None))

@@ -135,7 +135,6 @@ def _finish(estimate: Callable, has_aux: bool, name: str, init=None) -> Estimato
             result, state = on_mesh(params, batch, key, state)
             return (result if has_aux else result[0]), state
 
-        out = functools.wraps(estimate)(out)
         out.init = on_mesh_of_arguments(init)
     elif has_aux:
         out = on_mesh
@@ -158,13 +157,14 @@ def _guessed(
     normalize: bool,
     mode: str,
 ):
-    """``(params, batch, key) -> (grads, metrics)``: the forward-gradient recipe for ``rule``.
+    """``(estimate, init)``: the forward-gradient recipe for ``rule``.
 
-    For a stateful rule, ``(estimate, init)``: ``estimate(params, batch,
-    key, state) -> ((grads, metrics), state)``, the state a dict from each
-    guessed site's path to the rule's state there (with ``num_guesses`` >
-    1, the first guess's next state is kept); ``init(params, batch, key)``
-    builds it from the batch's context.
+    ``estimate(params, batch, key) -> (grads, metrics)`` and ``init`` None;
+    for a stateful rule, ``estimate(params, batch, key, state) -> ((grads,
+    metrics), state)``, the state a dict from each guessed site's path to
+    the rule's state there (with ``num_guesses`` > 1, the first guess's next
+    state is kept), and ``init(params, batch, key)`` builds it from the
+    batch's context.
     """
     model = problem.model
 
@@ -221,7 +221,7 @@ def _guessed(
         return (result, states) if rule.init is not None else result
 
     if rule.init is None:
-        return estimate
+        return estimate, None
 
     def init(params: Params, batch: Batch, key: PRNGKey | None = None):
         key = jax.random.key(0) if key is None else key
@@ -305,11 +305,10 @@ def from_rule(
                 "not lean: lean mode recomputes each site's context on the fly."
             )
         estimate = lean_lib.lean_estimator(problem, rule, num_guesses, normalize)
+        init = None
     else:
-        estimate = _guessed(problem, rule, num_guesses, normalize, mode)
-    if rule.init is not None:
-        return _finish(*estimate[:1], has_aux, name, init=estimate[1])
-    return _finish(estimate, has_aux, name)
+        estimate, init = _guessed(problem, rule, num_guesses, normalize, mode)
+    return _finish(estimate, has_aux, name, init=init)
 
 
 def _rule_estimator(
@@ -846,8 +845,6 @@ def wperp_ns(
       Estimation (2025), https://arxiv.org/abs/2511.03110 (W-perp-NS).
     """
     check_positive_int("rank", rank)
-    if krylov_steps is not None and variant != "warm":
-        check_positive_int("krylov_steps", krylov_steps)
     check_positive_int("block_size", block_size)
     check_positive_int("degree", degree)
     guess = wperp_lib.wperp_ns(

@@ -28,6 +28,7 @@ import jax
 from flax import nnx, traverse_util
 
 from guessgrad._src import sites as sites_lib
+from guessgrad._src.base import is_stateful
 
 
 def is_nnx(model) -> bool:
@@ -245,7 +246,7 @@ def estimator_factory(factory: Callable) -> Callable:
                 return bridge.state(out[0]["params"]), out[1]
             return bridge.state(out["params"])
 
-        if callable(getattr(estimator, "init", None)):  # a stateful estimator
+        if is_stateful(estimator):
 
             def estimate(params, batch, key, state):
                 out, state = estimator(bridge.variables(params), batch, key, state)

@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from guessgrad._src.base import Aux, Batch, Estimator, Params, PRNGKey
+from guessgrad._src.base import (
+    Aux,
+    Batch,
+    Estimator,
+    Params,
+    PRNGKey,
+    is_stateful,
+)
 
 
 class TrainState(NamedTuple):
@@ -59,12 +66,6 @@ def init_train_state(
         jnp.zeros([], jnp.int32), params, optimizer.init(params), key, estimator_state
     )
     return jax.device_put(state, jax.devices()[0])
-
-
-def is_stateful(estimator: Callable) -> bool:
-    """Whether ``estimator`` carries state across steps: ``(params, batch, key, state)
-    -> (grads, state)``, with ``estimator.init(params, batch) -> state``."""
-    return callable(getattr(estimator, "init", None))
 
 
 def _all_finite(tree) -> jax.Array:

@@ -330,15 +330,19 @@ def krylov_subspace(
     return ritz, keep[:, ::-1]
 
 
-def _wperp_krylov(ctx, index, key, rank, block_size, depth):
-    """``y = V_k z`` with ``V_k`` from :func:`krylov_subspace` and ``z ~ N(0, I_k)``."""
-    site = ctx.value(index)
-    space_key, z_key = jax.random.split(key)
-    ritz, keep = krylov_subspace(ctx, index, space_key, rank, block_size, depth)
-    coefficients = jax.random.normal(z_key, keep.shape, ritz.dtype) * keep
+def _isotropic_guess(ritz: Array, keep: Array, site: Array, key: PRNGKey) -> Array:
+    """``y = V_k z``, ``z ~ N(0, I_k)`` on the kept directions: [B, k, n] -> the site's shape."""
+    coefficients = jax.random.normal(key, keep.shape, ritz.dtype) * keep
     coefficients = like_batch(coefficients, site)
     guess = jnp.einsum("bk,bkn->bn", coefficients, ritz)
     return guess.astype(site.dtype).reshape(site.shape)
+
+
+def _wperp_krylov(ctx, index, key, rank, block_size, depth):
+    """``y = V_k z`` with ``V_k`` from :func:`krylov_subspace` and ``z ~ N(0, I_k)``."""
+    space_key, z_key = jax.random.split(key)
+    ritz, keep = krylov_subspace(ctx, index, space_key, rank, block_size, depth)
+    return _isotropic_guess(ritz, keep, ctx.value(index), z_key)
 
 
 WARM_MARGIN = 3  # the warm variant's shared subspace is rank + WARM_MARGIN, by default
@@ -381,9 +385,8 @@ def _warm_init(ctx, index: int, key: PRNGKey, block_size: int, warmup: int) -> A
     site = ctx.value(index)
     size = math.prod(site.shape[1:])
     dtype = _subspace_dtype(site.dtype)
-    basis = _orthonormalize_warm(jax.random.normal(key, (1, block_size, size), dtype))[
-        0
-    ]
+    gaussian = jax.random.normal(key, (1, block_size, size), dtype)
+    basis = _orthonormalize_warm(gaussian)[0]
     for step in range(warmup):
         basis = _refill(
             _mean_gram_step(ctx, index, basis)[1], jax.random.fold_in(key, step)
@@ -419,13 +422,10 @@ def _wperp_warm(ctx, index, key, rank, depth, basis):
     """``y = V_k z`` from the Krylov space grown from ``A_b S`` (S the warm basis);
     the next state is one subspace-iteration step of S with the batch's mean
     Gram operator."""
-    site = ctx.value(index)
     z_key, refill_key = jax.random.split(key)
     ritz, keep, following = warm_subspace(ctx, index, rank, depth, basis)
-    coefficients = jax.random.normal(z_key, keep.shape, ritz.dtype) * keep
-    coefficients = like_batch(coefficients, site)
-    guess = jnp.einsum("bk,bkn->bn", coefficients, ritz)
-    return guess.astype(site.dtype).reshape(site.shape), _refill(following, refill_key)
+    guess = _isotropic_guess(ritz, keep, ctx.value(index), z_key)
+    return guess, _refill(following, refill_key)
 
 
 def wperp_ns_products(
