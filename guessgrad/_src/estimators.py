@@ -91,6 +91,9 @@ Returns:
   are reseeded from ``key``)."""
 
 
+# --- shared docstrings, and the forward-gradient recipe every guess rule runs in --
+
+
 def _documented(fn):
     """Fills the shared ``{problem_args}``, ``{guessing_args}`` and ``{returns}`` of a docstring."""
     doc = inspect.cleandoc(fn.__doc__)
@@ -925,6 +928,9 @@ def self_sharpening(
     )
 
 
+# --- helpers of the weight-space estimators (oracle_angle, directional) ----------
+
+
 def _perpendicular(g: Array, r: Array) -> Array:
     """``r`` made orthogonal to ``g`` and scaled to ``|g|``."""
     g_norm = jnp.linalg.norm(g)
@@ -943,6 +949,8 @@ def _stages(structure, trainable_grads) -> list:
     ids = np.repeat([groups.index(r) for r in reached], sizes)
     return [ids == k for k in range(len(groups))]
 
+
+# --- the estimators by name --------------------------------------------------------
 
 ESTIMATORS: dict[str, Callable[..., Estimator]] = {
     "backprop": backprop,
