@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Literal
 
 from guessgrad._src import sites as sites_lib
 from guessgrad._src.base import Array, Params
@@ -280,6 +281,250 @@ def linearize(
 
     ctx = SiteContext(structure, values, lin, zeros, needs_label, losses)
     return losses, outputs, ctx
+
+
+class _Hops:
+    """A linear map of site tangents as a jaxpr, applied to some of its inputs at a time.
+
+    Traced once (``jax.make_jaxpr``); applying it binds only the equations
+    that depend on the given inputs (other inputs are zero), so one site's
+    hop costs, in tracing and in compiled work, what it reaches and no more.
+    Outputs the given inputs do not reach come back as None.
+    """
+
+    def __init__(self, fn: Callable, example: Mapping[str, Array]):
+        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(example)
+        self.jaxpr = jaxpr = closed.jaxpr
+        self.out_tree = jax.tree.structure(shapes)
+        self.in_names = list(jax.tree.structure(example).node_data()[1])
+        tangent = set(jaxpr.invars)
+        for eqn in jaxpr.eqns:
+            if any(_is_var(v) and v in tangent for v in eqn.invars):
+                tangent.update(eqn.outvars)
+        self.tangent = tangent
+        # Values the tangent equations read that do not depend on any input
+        # (residuals and what is computed from them): evaluated here, once.
+        needed = {
+            v
+            for eqn in jaxpr.eqns
+            if any(_is_var(v) and v in tangent for v in eqn.invars)
+            for v in eqn.invars
+            if _is_var(v) and v not in tangent
+        }
+        constant_eqns = [e for e in jaxpr.eqns if not set(e.outvars) & tangent]
+        for eqn in reversed(constant_eqns):
+            if set(eqn.outvars) & needed:
+                needed.update(v for v in eqn.invars if _is_var(v))
+        self.env = dict(zip(jaxpr.constvars, closed.consts))
+        for eqn in constant_eqns:
+            if set(eqn.outvars) & needed:
+                _bind(eqn, [_read(self.env, v) for v in eqn.invars], self.env)
+
+    def __call__(self, inputs: Mapping[str, Array]):
+        env, live = dict(self.env), set()
+        for name, var in zip(self.in_names, self.jaxpr.invars):
+            if name in inputs:
+                env[var] = inputs[name]
+                live.add(var)
+        for eqn in self.jaxpr.eqns:
+            if not any(_is_var(v) and v in live for v in eqn.invars):
+                continue
+            args = [
+                jnp.zeros(v.aval.shape, v.aval.dtype)  # another input's tangent: zero
+                if _is_var(v) and v in self.tangent and v not in live
+                else _read(env, v)
+                for v in eqn.invars
+            ]
+            _bind(eqn, args, env)
+            live.update(eqn.outvars)
+        outs = [
+            env[v] if _is_var(v) and v in live else None for v in self.jaxpr.outvars
+        ]
+        return jax.tree.unflatten(self.out_tree, outs)
+
+
+def _is_var(v) -> bool:
+    return not isinstance(v, Literal)
+
+
+def _read(env, v):
+    return v.val if isinstance(v, Literal) else env[v]
+
+
+def _bind(eqn, args, env) -> None:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    # Older JAX returns (subfuns, params).
+    subfuns, params = params if isinstance(params, tuple) else ((), params)
+    with eqn.ctx.manager:
+        outs = eqn.primitive.bind(*subfuns, *args, **params)
+    if not eqn.primitive.multiple_results:
+        outs = [outs]
+    env.update(zip(eqn.outvars, outs))
+
+
+def fused_linearize(
+    model,
+    trainable: "Trainable",
+    args: tuple,
+    batch,
+    loss_fn,
+    rngs,
+    structure: Structure,
+    needs_label: bool = False,
+):
+    """One linearisation of the *cut* forward serves the guesses, the tangents and the update.
+
+    The forward runs once with a ``stop_gradient`` on every site value and a
+    zero perturbation ``q_l`` added after it, linearised in the trainable
+    parameters and every ``q_l``. Its linear map ``L(d theta, dq)`` gives:
+
+    * tangents (``ctx.lin``): with the sites cut, a tangent ``dq_l`` reaches
+      only the sites and losses directly downstream of site ``l`` (one hop).
+      The uncut forward's tangent is rebuilt hop by hop in forward order:
+      site ``m``'s value tangent is the sum of the hops reaching it, plus its
+      own perturbation, and is sent on as ``dq_m``. Only hops from reached
+      sites are taken (found from the map's jaxpr), so the work is the
+      tangent's and no more.
+    * parameter estimates (``param_grads``): the transpose in ``d theta``
+      of the same map, with cotangents ``g_l / B`` at the guessed sites' raw
+      values and the exact mean-loss cotangent at each loss reached without
+      a site: every site map's local VJP (the cut stops the rest), heads and
+      readouts their exact local gradients.
+
+    So one forward pass serves everything, with its activations kept (as
+    backprop keeps them), where a separate cut forward for the update would
+    run the forward a second time.
+
+    Returns ``(ctx, param_grads)``.
+    """
+    infos = structure.sites
+    zeros = {
+        s.path: jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding) for s in infos
+    }
+    part = trainable.part
+
+    def forward(part, perturbations):
+        outputs, raw, taps = sites_lib.run(
+            model,
+            trainable.rebuild(part),
+            args,
+            perturbations=perturbations,
+            cut=True,
+            rngs=rngs,
+        )
+        losses = sites_lib.normalize_losses(loss_fn(outputs, batch))
+        return (losses, {**raw, **taps}), outputs
+
+    (losses, values), full, outputs = jax.linearize(
+        forward, part, zeros, has_aux=True
+    )
+    zero_part = jax.tree.map(jnp.zeros_like, part)
+    # L(0, dq): symbolic zeros in d theta (jvp of the linear map).
+    hops = _Hops(
+        lambda dq: jax.jvp(lambda q: full(zero_part, q), (zeros,), (dq,))[1], zeros
+    )
+
+    def hop(path: str, tangent: Array):
+        """The outputs one hop from site ``path`` reaches: ``({loss: t}, {value: t})``."""
+        loss_t, value_t = hops({path: tangent})
+        return (
+            {n: t for n, t in loss_t.items() if t is not None},
+            {n: t for n, t in value_t.items() if t is not None},
+        )
+
+    def lin(tangents, with_primal=False):
+        """The uncut forward's ``(loss tangents, value tangents)`` for site tangents ``tangents``."""
+        loss_t: dict[str, Array] = {}
+        value_t: dict[str, Array] = {}
+        for info in infos:
+            path = info.path
+            incoming, own = value_t.get(path), tangents.get(path)
+            if incoming is None and own is None:
+                continue
+            sent = own if incoming is None else incoming if own is None else incoming + own
+            hop_loss, hop_value = hop(path, sent)
+            for name, t in hop_loss.items():
+                loss_t[name] = t if name not in loss_t else loss_t[name] + t
+            for name, t in hop_value.items():
+                value_t[name] = t if name not in value_t else value_t[name] + t
+        loss_t = {
+            n: loss_t[n] if n in loss_t else jnp.zeros_like(v) for n, v in losses.items()
+        }
+        value_t = {
+            n: value_t[n] if n in value_t else jnp.zeros_like(v) for n, v in values.items()
+        }
+        return ((loss_t, value_t), (losses, outputs)) if with_primal else (loss_t, value_t)
+
+    exact = structure.exact_losses
+    active = [s.path for s in structure.active]
+
+    def param_grads(site_grads: Mapping[str, Array]) -> Params:
+        """Parameter estimates from site gradients: the transpose of ``L`` in ``d theta``."""
+
+        def restricted(d_part):
+            loss_t, value_t = jax.jvp(
+                lambda a: full(a, zeros), (zero_part,), (d_part,)
+            )[1]
+            return {n: loss_t[n] for n in exact}, {p: value_t[p] for p in active}
+
+        loss_cotangents = {
+            n: like(jnp.full(losses[n].shape, 1.0 / losses[n].size, losses[n].dtype), losses[n])
+            for n in exact
+        }
+        site_cotangents = {p: g / g.shape[0] for p, g in site_grads.items()}
+        grads = jax.linear_transpose(restricted, zero_part)(
+            (loss_cotangents, site_cotangents)
+        )[0]
+        return trainable.full(grads)
+
+    return SiteContext(structure, values, lin, zeros, needs_label, losses), param_grads
+
+
+def step_context(
+    model,
+    trainable: "Trainable",
+    args: tuple,
+    batch,
+    loss_fn,
+    rngs,
+    structure: Structure,
+    mode: str,
+    needs_label: bool = False,
+):
+    """``(ctx, param_grads)`` for one estimate: the engine every guessed estimator runs on.
+
+    :func:`fused_linearize` (one forward, its activations kept) unless some
+    parameters are frozen and the map is applied once (joint mode, or one
+    guessed site): then the tangent pass recomputes the forward
+    (:func:`linearize` with ``recompute``, memory like inference) and the
+    update is a VJP of the cut forward in the trainable part only, whose
+    residuals are few (a prompt's): what keeps a guessed prompt-tuning step
+    at a fraction of backprop's memory.
+    """
+    active = structure.active
+    if trainable.mask is None or not recomputes(mode, len(active)):
+        return fused_linearize(
+            model, trainable, args, batch, loss_fn, rngs, structure, needs_label
+        )
+    _, _, ctx = linearize(
+        model,
+        trainable.variables,
+        args,
+        batch,
+        loss_fn,
+        rngs,
+        structure,
+        [s.path for s in active],
+        needs_label,
+        recompute=True,
+    )
+
+    def param_grads(site_grads):
+        return local_parameter_grads(
+            model, trainable, args, batch, loss_fn, rngs, structure, site_grads
+        )
+
+    return ctx, param_grads
 
 
 def guessed_site_gradients(ctx: SiteContext, guesses: Mapping[str, Array], mode: str):

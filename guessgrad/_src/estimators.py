@@ -172,24 +172,22 @@ def _guessed(
     model = problem.model
 
     def context(params, batch, key):
-        variables, args, rngs, structure, train = problem.prepare(params, batch, key)
-        active = structure.active
-        _, _, ctx = engine.linearize(
+        _, args, rngs, structure, train = problem.prepare(params, batch, key)
+        ctx, param_grads = engine.step_context(
             model,
-            variables,
+            train,
             args,
             batch,
             problem.loss_fn,
             rngs,
             structure,
-            [s.path for s in active],
+            mode,
             rule.needs_label,
-            recompute=engine.recomputes(mode, len(active)),
         )
-        return ctx, (args, rngs, structure, train)
+        return ctx, param_grads, structure
 
     def estimate(params: Params, batch: Batch, key: PRNGKey, rule_state=None):
-        ctx, (args, rngs, structure, train) = context(params, batch, key)
+        ctx, param_grads, structure = context(params, batch, key)
         active = structure.active
         if rule_state is not None:
             _check_rule_state(rule_state, rule, ctx, active)
@@ -217,9 +215,7 @@ def _guessed(
         losses, outputs, states = jax.tree.map(
             lambda x: x[0], (losses, outputs, states)
         )
-        grads = engine.local_parameter_grads(
-            model, train, args, batch, problem.loss_fn, rngs, structure, site_grads
-        )
+        grads = param_grads(site_grads)
         result = grads, problem.metrics(outputs, batch, losses)
         return (result, states) if rule.init is not None else result
 
@@ -228,7 +224,7 @@ def _guessed(
 
     def init(params: Params, batch: Batch, key: PRNGKey | None = None):
         key = jax.random.key(0) if key is None else key
-        ctx, (_, _, structure, _) = context(params, batch, key)
+        ctx, _, structure = context(params, batch, key)
         return {
             s.path: rules_lib.init_site_state(rule, ctx, s.index, key)
             for s in structure.active
@@ -424,6 +420,8 @@ def directional(
         flat, unravel = ravel_pytree(train.part)
         names = list(structure.losses)
         reached = trainable_losses_reached(structure)
+        sizes = [leaf.size for leaf in jax.tree.leaves(train.part)]
+        live = np.repeat([bool(r) for r in reached], sizes)
 
         def one_estimate(guess_key):
             v = jax.random.normal(guess_key, flat.shape, flat.dtype)
@@ -433,16 +431,20 @@ def directional(
             (_, metrics), (derivative, per_loss) = jax.jvp(
                 loss, (train.part,), (tangent,)
             )
-            if len(names) == 1:
+            if len(names) == 1 or not sizes:
                 return derivative * v, metrics
-            leaves, treedef = jax.tree.flatten(tangent)
-            local = [
-                sum(per_loss[f"loss/{n}"] for n in r) * leaf
-                if r
-                else jnp.zeros_like(leaf)
-                for r, leaf in zip(reached, leaves)
-            ]
-            return ravel_pytree(jax.tree.unflatten(treedef, local))[0], metrics
+            # Each leaf's share, as one flat scale (slicing v per leaf and
+            # concatenating would let XLA regenerate v once per leaf).
+            scale = jnp.concatenate(
+                [
+                    jnp.broadcast_to(
+                        sum(per_loss[f"loss/{n}"] for n in r) if r else 0.0,
+                        (size,),
+                    ).astype(v.dtype)
+                    for r, size in zip(reached, sizes)
+                ]
+            )
+            return jnp.where(live, scale * v, 0.0), metrics
 
         estimates, metrics = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
         grads = unravel(jnp.mean(estimates, axis=0))
