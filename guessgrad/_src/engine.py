@@ -1,22 +1,27 @@
 """The forward-mode engine on any model with sites: one linearisation serves everything.
 
-For a batch, the forward pass ``perturbations -> (losses, site values, taps)``
-is linearised once (``jax.linearize``) at zero perturbations. From that one
-linear map:
+For a batch, the forward pass is run once with a ``stop_gradient`` on every
+site value and a zero perturbation added after it (the *cut* forward), and
+linearised in the trainable parameters and the perturbations
+(:func:`fused_linearize`). From that one linear map:
 
-* joint mode: the map applied to every site's guess at once gives the
-  per-example (per-copy) loss derivatives, ``d_b = sum_l <dl_b/ds_l, y_{l,b}>``;
-* per-layer mode: ``jax.jvp`` of the map with a tangent at site ``l`` only:
-  tangents upstream of ``l`` are symbolic zeros, so the work is triangular;
-* a rule's pull and push (W^T, downstream, W-perp) are the transpose and the
-  restriction of "tangent at site l only -> tangent at its target".
+* joint mode: every site's guess at once gives the per-example (per-copy)
+  loss derivatives, ``d_b = sum_l <dl_b/ds_l, y_{l,b}>``; the uncut
+  forward's tangent is rebuilt hop by hop from site to site;
+* per-layer mode: a tangent at site ``l`` only; nothing upstream of ``l``
+  is touched, so the work is triangular;
+* a rule's pull and push (W^T, downstream, W-perp) are the transpose and
+  the restriction of "tangent at site l only -> tangent at its target";
+* parameter estimates: the map's transpose in the parameters, with
+  cotangent ``g_l / B`` at each site's raw value and the exact mean-loss
+  cotangent at each loss: every site map gets its own local VJP (nothing
+  flows back across sites) and parameters after the last site before a
+  loss (local heads, readouts) get their exact local gradient.
 
-Parameter estimates come from one VJP of the forward run with a
-``stop_gradient`` on every site value (the *cut* forward), with cotangent
-``g_l / B`` at each site's raw value and the exact mean-loss cotangent at each
-loss: every site map gets its own local VJP (nothing flows back across sites)
-and parameters after the last site before a loss (local heads, readouts) get
-their exact local gradient.
+With frozen parameters and the map applied once (:func:`step_context`), the
+tangent pass recomputes the uncut forward (:func:`linearize`) and the update
+is a VJP of the cut forward in the trainable part alone
+(:func:`local_parameter_grads`): memory like inference for prompt tuning.
 """
 
 from __future__ import annotations
