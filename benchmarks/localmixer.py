@@ -72,7 +72,9 @@ flags.DEFINE_bool(
     "quick", False, "M/8/16 at batch 64 only, joint mode, 5 rounds: about two minutes."
 )
 flags.DEFINE_integer("repeats", 15, "Timed rounds (each round runs every step once).")
-flags.DEFINE_float("max_seconds", 300.0, "Stop adding rounds for a size after this long.")
+flags.DEFINE_float(
+    "max_seconds", 300.0, "Stop adding rounds for a size after this long."
+)
 flags.DEFINE_string(
     "out", "benchmark_localmixer.json", "Where to write the rows as JSON."
 )
@@ -103,7 +105,12 @@ def layer_macs(config: str, batch: int) -> list[list[int]]:
 
 
 def floor_macs(
-    method: str, mode: str | None, objective: str, blocks: list[list[int]], batch: int, sites: list[int]
+    method: str,
+    mode: str | None,
+    objective: str,
+    blocks: list[list[int]],
+    batch: int,
+    sites: list[int],
 ) -> float | None:
     """Matrix multiply-adds one step's estimate cannot avoid.
 
@@ -126,7 +133,11 @@ def floor_macs(
     # Maps after each site (a site follows every map), in its reach.
     if local:
         later = [sum(block[i + 1 :]) for block in blocks for i in range(len(block))]
-        nxt = [block[i + 1] if i + 1 < len(block) else 0 for block in blocks for i in range(len(block))]
+        nxt = [
+            block[i + 1] if i + 1 < len(block) else 0
+            for block in blocks
+            for i in range(len(block))
+        ]
     else:
         later = [sum(flat[i + 1 :]) for i in range(len(flat))]
         nxt = [flat[i + 1] if i + 1 < len(flat) else 0 for i in range(len(flat))]
@@ -162,7 +173,9 @@ def _measure(step, state, data) -> dict:
     }
 
 
-def guessgrad_entries(config: str, batch: int, data, optimizer, methods, modes, objectives):
+def guessgrad_entries(
+    config: str, batch: int, data, optimizer, methods, modes, objectives
+):
     key = jax.random.key(0)
     for objective in objectives:
         model = gg.models.local_mixer(config, NUM_CLASSES, objective=objective)
@@ -198,7 +211,11 @@ def ren_entries(ren, config: str, data, optimizer):
 
     c = gg.models.LOCALMIXER_CONFIGS[config]
     ren_reference.configure(
-        ren, blocks=c["blocks"], channels=c["channels"], groups=c["groups"], patches=c["patches"]
+        ren,
+        blocks=c["blocks"],
+        channels=c["channels"],
+        groups=c["groups"],
+        patches=c["patches"],
     )
     params = ren_reference.init_params(ren)
     for method in ren_reference.METHODS:
@@ -214,19 +231,36 @@ def ren_entries(ren, config: str, data, optimizer):
 
         state = (params, optimizer.init(params), jax.random.key(0))
         entry = _measure(step, state, data)
-        entry.update(impl="Ren et al.", objective="global" if method == "BP" else "local_greedy", method=method, mode="-", floor=None)
+        entry.update(
+            impl="Ren et al.",
+            objective="global" if method == "BP" else "local_greedy",
+            method=method,
+            mode="-",
+            floor=None,
+        )
         print(f"  compiled Ren et al. {method}", flush=True)
         yield entry
 
 
-def measure(config: str, batch: int, ren, methods, modes, objectives, repeats: int, max_seconds: float) -> list[dict]:
+def measure(
+    config: str,
+    batch: int,
+    ren,
+    methods,
+    modes,
+    objectives,
+    repeats: int,
+    max_seconds: float,
+) -> list[dict]:
     key = jax.random.key(1)
     data = {
         "image": jax.random.uniform(key, (batch, *IMAGE_SHAPE)),
         "label": jax.random.randint(key, (batch,), 0, NUM_CLASSES),
     }
     optimizer = optax.adam(1e-3)
-    entries = list(guessgrad_entries(config, batch, data, optimizer, methods, modes, objectives))
+    entries = list(
+        guessgrad_entries(config, batch, data, optimizer, methods, modes, objectives)
+    )
     if ren is not None:
         entries += list(ren_entries(ren, config, data, optimizer))
     start = time.perf_counter()
@@ -242,16 +276,30 @@ def measure(config: str, batch: int, ren, methods, modes, objectives, repeats: i
 
     def own_backprop(entry):
         if entry["impl"] == "guessgrad":
-            return next(e for e in entries if e["impl"] == "guessgrad" and e["method"] == "backprop" and e["objective"] == entry["objective"])
+            return next(
+                e
+                for e in entries
+                if e["impl"] == "guessgrad"
+                and e["method"] == "backprop"
+                and e["objective"] == entry["objective"]
+            )
         name = "BP" if entry["method"] == "BP" else "LG-BP"
-        return next(e for e in entries if e["impl"] != "guessgrad" and e["method"] == name)
+        return next(
+            e for e in entries if e["impl"] != "guessgrad" and e["method"] == name
+        )
 
     ren_bp = next((e for e in entries if e["method"] == "LG-BP"), None)
     rows = []
     for entry in entries:
         base = own_backprop(entry)
         base_floor = next(
-            (e["floor"] for e in entries if e["impl"] == "guessgrad" and e["method"] == "backprop" and e["objective"] == entry["objective"]),
+            (
+                e["floor"]
+                for e in entries
+                if e["impl"] == "guessgrad"
+                and e["method"] == "backprop"
+                and e["objective"] == entry["objective"]
+            ),
             None,
         )
         floor = entry["floor"]
@@ -267,8 +315,12 @@ def measure(config: str, batch: int, ren, methods, modes, objectives, repeats: i
                 "spread": (max(entry["times"]) - min(entry["times"])) / entry["median"],
                 "rounds": len(entry["times"]),
                 "ratio": entry["median"] / base["median"],
-                "ratio_ren_lgbp": None if ren_bp is None else entry["median"] / ren_bp["median"],
-                "floor_ratio": None if floor is None or not base_floor else floor / base_floor,
+                "ratio_ren_lgbp": None
+                if ren_bp is None
+                else entry["median"] / ren_bp["median"],
+                "floor_ratio": None
+                if floor is None or not base_floor
+                else floor / base_floor,
                 "gflop": entry["gflop"],
                 "gflop_ratio": entry["gflop"] / base["gflop"],
                 "temp_mb": entry["temp"] / 2**20,
@@ -300,13 +352,19 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     for name in FLAGS.configs:
         if name not in gg.models.LOCALMIXER_CONFIGS:
-            raise app.UsageError(f"Unknown configuration {name!r}; valid: {', '.join(gg.models.LOCALMIXER_CONFIGS)}.")
+            raise app.UsageError(
+                f"Unknown configuration {name!r}; valid: {', '.join(gg.models.LOCALMIXER_CONFIGS)}."
+            )
     for name in FLAGS.objectives:
         if name not in gg.models.OBJECTIVES:
-            raise app.UsageError(f"Unknown objective {name!r}; valid: {', '.join(gg.models.OBJECTIVES)}.")
+            raise app.UsageError(
+                f"Unknown objective {name!r}; valid: {', '.join(gg.models.OBJECTIVES)}."
+            )
     for mode in FLAGS.modes:
         if mode not in gg.MODES:
-            raise app.UsageError(f"Unknown mode {mode!r}; valid: {', '.join(gg.MODES)}.")
+            raise app.UsageError(
+                f"Unknown mode {mode!r}; valid: {', '.join(gg.MODES)}."
+            )
     methods = list(FLAGS.methods)
     for name in methods:
         gg.estimator_options(name)  # unknown names: the registry's error
@@ -330,11 +388,28 @@ def main(argv):
     rows = []
     for config, batch in plan:
         print(f"measuring {config}, batch {batch} ...", flush=True)
-        size_rows = measure(config, batch, ren, methods, modes, FLAGS.objectives, repeats, FLAGS.max_seconds)
+        size_rows = measure(
+            config,
+            batch,
+            ren,
+            methods,
+            modes,
+            FLAGS.objectives,
+            repeats,
+            FLAGS.max_seconds,
+        )
         rows.extend(size_rows)
         print(format_table(size_rows), flush=True)
         with open(FLAGS.out, "w") as f:
-            json.dump({"device": str(device.device_kind), "jax": jax.__version__, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": str(device.device_kind),
+                    "jax": jax.__version__,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     print("\n" + format_table(rows))
     print(f"\nwrote {FLAGS.out}")
 

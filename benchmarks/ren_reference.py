@@ -68,9 +68,7 @@ def load(path: str):
     try:
         importlib.import_module("einops")
     except ImportError as e:
-        raise ImportError(
-            "Ren et al.'s code needs einops: pip install einops"
-        ) from e
+        raise ImportError("Ren et al.'s code needs einops: pip install einops") from e
     _stub_modules()
     sys.path.insert(0, os.path.abspath(path))
     return importlib.import_module("train_mixer_supervised")
@@ -141,4 +139,6 @@ def update_fn(ren, method: str):
             return final + sum(jnp.sum(x) for x in local)
 
         return jax.grad(local_objective)
-    raise ValueError(f"Unknown reference method {method!r}; valid: {', '.join(METHODS)}.")
+    raise ValueError(
+        f"Unknown reference method {method!r}; valid: {', '.join(METHODS)}."
+    )

@@ -44,7 +44,9 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list("modes", list(gg.MODES), "Modes of the activation-space methods.")
 flags.DEFINE_integer("repeats", 15, "Timed rounds.")
-flags.DEFINE_string("out", "benchmark_residual.json", "Where to write the rows as JSON.")
+flags.DEFINE_string(
+    "out", "benchmark_residual.json", "Where to write the rows as JSON."
+)
 
 INPUT_FEATURES, NUM_CLASSES = 784, 10
 
@@ -60,7 +62,12 @@ class ResidualMLP(nn.Module):
         h = nn.Dense(self.width, name="embed")(x)
         for i in range(self.depth):
             y = nn.LayerNorm(name=f"norm_{i}")(h)
-            y = gg.site(self, f"hidden_{i}", nn.Dense(self.width, name=f"up_{i}")(y), act=nn.relu)
+            y = gg.site(
+                self,
+                f"hidden_{i}",
+                nn.Dense(self.width, name=f"up_{i}")(y),
+                act=nn.relu,
+            )
             h = h + nn.Dense(self.width, name=f"down_{i}")(y)
         return gg.site(self, "logits", nn.Dense(NUM_CLASSES, name="readout")(h))
 
@@ -88,7 +95,9 @@ def _entry(model, params, data, name, mode, optimizer):
 def measure(depth: int) -> list[dict]:
     key = jax.random.key(0)
     data = {
-        "image": jax.random.uniform(key, (FLAGS.batch, INPUT_FEATURES), minval=-1.0, maxval=1.0),
+        "image": jax.random.uniform(
+            key, (FLAGS.batch, INPUT_FEATURES), minval=-1.0, maxval=1.0
+        ),
         "label": jax.random.randint(key, (FLAGS.batch,), 0, NUM_CLASSES),
     }
     optimizer = optax.adam(1e-3)
@@ -161,10 +170,15 @@ def main(argv):
     print(f"devices: {jax.devices()}; jax {jax.__version__}", flush=True)
     rows = []
     for depth in FLAGS.depths:
-        print(f"measuring depth {depth}, width {FLAGS.width}, batch {FLAGS.batch} ...", flush=True)
+        print(
+            f"measuring depth {depth}, width {FLAGS.width}, batch {FLAGS.batch} ...",
+            flush=True,
+        )
         rows += measure(int(depth))
         with open(FLAGS.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+            json.dump(
+                {"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1
+            )
     print("\n" + format_table(rows))
     print(f"\nwrote {FLAGS.out}")
 

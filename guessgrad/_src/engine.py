@@ -325,6 +325,56 @@ class _Hops:
             if set(eqn.outvars) & needed:
                 _bind(eqn, [_read(self.env, v) for v in eqn.invars], self.env)
 
+    def one_pass_is_cheaper(self, sources, per_layer: bool) -> bool:
+        """Whether hops from ``sources`` cost no more than a separate forward and uncut tangent pass.
+
+        A hop from site l passes every equation its tangent reaches before
+        the next sites. Along a chain these slices are disjoint and the hops
+        together cost one tangent pass. A residual stream that bypasses the
+        sites carries every site's hop through every later block, so the
+        hops cost a tangent pass per site; then a forward-mode pass of the
+        uncut forward plus a second (cut) forward for the update is cheaper.
+        Costs are multiply-adds of matrix products and elements elsewhere,
+        counted on the map's jaxpr; the forward is counted as its tangent.
+        """
+        positions = jax.tree.unflatten(self.out_tree, range(self.out_tree.num_leaves))
+        value_positions = positions[1]
+        costs = [_eqn_cost(e) for e in self.jaxpr.eqns]
+        slices, reaches = {}, {}
+        for name, var in zip(self.in_names, self.jaxpr.invars):
+            dependent, ids = {var}, set()
+            for i, eqn in enumerate(self.jaxpr.eqns):
+                if any(_is_var(v) and v in dependent for v in eqn.invars):
+                    dependent.update(eqn.outvars)
+                    ids.add(i)
+            slices[name] = ids
+            reaches[name] = {
+                n
+                for n, p in value_positions.items()
+                if n != name
+                and n in value_positions
+                and _is_var(self.jaxpr.outvars[p])
+                and self.jaxpr.outvars[p] in dependent
+                and n in slices.keys() | set(self.in_names)
+            }
+
+        def closure(site):
+            seen, stack = set(), [site]
+            while stack:
+                s = stack.pop()
+                if s not in seen:
+                    seen.add(s)
+                    stack.extend(reaches[s])
+            return seen
+
+        cost = lambda ids: sum(costs[i] for i in ids)
+        reached = [closure(s) for s in sources]
+        groups = reached if per_layer else [set().union(*reached)]
+        hops = sum(cost(slices[m]) for g in groups for m in g)
+        uncut = sum(cost(set().union(*(slices[m] for m in g))) for g in groups)
+        forward = cost(set().union(*slices.values()))
+        return hops <= uncut + forward
+
     def __call__(self, inputs: Mapping[str, Array]):
         env, live = dict(self.env), set()
         for name, var in zip(self.in_names, self.jaxpr.invars):
@@ -348,6 +398,28 @@ class _Hops:
         return jax.tree.unflatten(self.out_tree, outs)
 
 
+def _eqn_cost(eqn) -> float:
+    """Multiply-adds of a matrix product or convolution, elements written otherwise (nested jaxprs summed)."""
+    nested = [
+        p.jaxpr if hasattr(p, "jaxpr") else p
+        for p in eqn.params.values()
+        if hasattr(p, "eqns") or hasattr(getattr(p, "jaxpr", None), "eqns")
+    ]
+    if nested:
+        return float(sum(_eqn_cost(e) for j in nested for e in j.eqns))
+    size = float(sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars))
+    name = eqn.primitive.name
+    if name == "dot_general":
+        (contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        return size * math.prod(lhs[d] for d in contract)
+    if name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape
+        out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        return size * math.prod(rhs) / out_features
+    return size
+
+
 def _is_var(v) -> bool:
     return not isinstance(v, Literal)
 
@@ -369,7 +441,7 @@ def _bind(eqn, args, env) -> None:
 
 def fused_linearize(
     model,
-    trainable: "Trainable",
+    trainable: Trainable,
     args: tuple,
     batch,
     loss_fn,
@@ -400,7 +472,8 @@ def fused_linearize(
     backprop keeps them), where a separate cut forward for the update would
     run the forward a second time.
 
-    Returns ``(ctx, param_grads)``.
+    Returns ``(ctx, param_grads, one_pass_is_cheaper)``, the last
+    :meth:`_Hops.one_pass_is_cheaper` (for :func:`step_context`).
     """
     infos = structure.sites
     zeros = {
@@ -420,9 +493,7 @@ def fused_linearize(
         losses = sites_lib.normalize_losses(loss_fn(outputs, batch))
         return (losses, {**raw, **taps}), outputs
 
-    (losses, values), full, outputs = jax.linearize(
-        forward, part, zeros, has_aux=True
-    )
+    (losses, values), full, outputs = jax.linearize(forward, part, zeros, has_aux=True)
     zero_part = jax.tree.map(jnp.zeros_like, part)
     # L(0, dq): symbolic zeros in d theta (jvp of the linear map).
     hops = _Hops(
@@ -446,19 +517,25 @@ def fused_linearize(
             incoming, own = value_t.get(path), tangents.get(path)
             if incoming is None and own is None:
                 continue
-            sent = own if incoming is None else incoming if own is None else incoming + own
+            sent = (
+                own if incoming is None else incoming if own is None else incoming + own
+            )
             hop_loss, hop_value = hop(path, sent)
             for name, t in hop_loss.items():
                 loss_t[name] = t if name not in loss_t else loss_t[name] + t
             for name, t in hop_value.items():
                 value_t[name] = t if name not in value_t else value_t[name] + t
         loss_t = {
-            n: loss_t[n] if n in loss_t else jnp.zeros_like(v) for n, v in losses.items()
+            n: loss_t[n] if n in loss_t else jnp.zeros_like(v)
+            for n, v in losses.items()
         }
         value_t = {
-            n: value_t[n] if n in value_t else jnp.zeros_like(v) for n, v in values.items()
+            n: value_t[n] if n in value_t else jnp.zeros_like(v)
+            for n, v in values.items()
         }
-        return ((loss_t, value_t), (losses, outputs)) if with_primal else (loss_t, value_t)
+        return (
+            ((loss_t, value_t), (losses, outputs)) if with_primal else (loss_t, value_t)
+        )
 
     exact = structure.exact_losses
     active = [s.path for s in structure.active]
@@ -473,7 +550,10 @@ def fused_linearize(
             return {n: loss_t[n] for n in exact}, {p: value_t[p] for p in active}
 
         loss_cotangents = {
-            n: like(jnp.full(losses[n].shape, 1.0 / losses[n].size, losses[n].dtype), losses[n])
+            n: like(
+                jnp.full(losses[n].shape, 1.0 / losses[n].size, losses[n].dtype),
+                losses[n],
+            )
             for n in exact
         }
         site_cotangents = {p: g / g.shape[0] for p, g in site_grads.items()}
@@ -482,12 +562,13 @@ def fused_linearize(
         )[0]
         return trainable.full(grads)
 
-    return SiteContext(structure, values, lin, zeros, needs_label, losses), param_grads
+    ctx = SiteContext(structure, values, lin, zeros, needs_label, losses)
+    return ctx, param_grads, hops.one_pass_is_cheaper
 
 
 def step_context(
     model,
-    trainable: "Trainable",
+    trainable: Trainable,
     args: tuple,
     batch,
     loss_fn,
@@ -498,19 +579,28 @@ def step_context(
 ):
     """``(ctx, param_grads)`` for one estimate: the engine every guessed estimator runs on.
 
-    :func:`fused_linearize` (one forward, its activations kept) unless some
-    parameters are frozen and the map is applied once (joint mode, or one
-    guessed site): then the tangent pass recomputes the forward
-    (:func:`linearize` with ``recompute``, memory like inference) and the
-    update is a VJP of the cut forward in the trainable part only, whose
-    residuals are few (a prompt's): what keeps a guessed prompt-tuning step
-    at a fraction of backprop's memory.
+    :func:`fused_linearize` (one forward, its activations kept), unless
+
+    * some parameters are frozen and the map is applied once (joint mode,
+      or one guessed site): then the tangent pass recomputes the forward
+      (:func:`linearize` with ``recompute``, memory like inference) and the
+      update is a VJP of the cut forward in the trainable part only, whose
+      residuals are few (a prompt's): what keeps a guessed prompt-tuning
+      step at a fraction of backprop's memory;
+    * its hops would cost more than a second forward (a residual stream
+      that bypasses the sites, :meth:`_Hops.one_pass_is_cheaper`): then
+      :func:`linearize` of the uncut forward and the cut VJP.
+
+    The estimates are the same either way (to float rounding).
     """
-    active = structure.active
-    if trainable.mask is None or not recomputes(mode, len(active)):
-        return fused_linearize(
+    active = [s.path for s in structure.active]
+    recompute = recomputes(mode, len(active))
+    if trainable.mask is None or not recompute:
+        ctx, param_grads, cheaper = fused_linearize(
             model, trainable, args, batch, loss_fn, rngs, structure, needs_label
         )
+        if cheaper(active, per_layer=mode != "joint"):
+            return ctx, param_grads
     _, _, ctx = linearize(
         model,
         trainable.variables,
@@ -519,9 +609,9 @@ def step_context(
         loss_fn,
         rngs,
         structure,
-        [s.path for s in active],
+        active,
         needs_label,
-        recompute=True,
+        recompute=recompute,
     )
 
     def param_grads(site_grads):
