@@ -405,7 +405,10 @@ def test_sites_inside_remat_give_identical_estimates_and_scan_is_refused():
         b = jax.jit(gg.get_estimator(method, BlockStack(remat=True)))(
             params, batch, jax.random.key(2)
         )
-        np.testing.assert_allclose(flat(a), flat(b), rtol=1e-6, atol=1e-7)
+        # remat changes XLA's fusion and so float32's rounding order: the
+        # estimates agree to rounding in norm, not element by element.
+        a, b = flat(a), flat(b)
+        assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(b), method
     scanned = BlockStack(scan=True)
     params = scanned.init(jax.random.key(1), batch["image"])
     with pytest.raises(ValueError, match=r"nn\.scan.*Unroll"):
