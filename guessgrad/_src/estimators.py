@@ -31,7 +31,7 @@ from guessgrad._src.problem import (
     Problem,
     check_positive_int,
     exact_loss,
-    guess_keys,
+    map_guesses,
     model_rngs,
     trainable_losses_reached,
 )
@@ -208,8 +208,8 @@ def _guessed(
             site_grads, aux = engine.guessed_site_gradients(ctx, guesses, mode)
             return site_grads, aux, states
 
-        site_grads, (losses, outputs), states = jax.vmap(one_estimate)(
-            guess_keys(key, num_guesses)
+        site_grads, (losses, outputs), states = map_guesses(
+            one_estimate, key, num_guesses
         )
         site_grads = {p: jnp.mean(g, axis=0) for p, g in site_grads.items()}
         losses, outputs, states = jax.tree.map(
@@ -446,7 +446,7 @@ def directional(
             )
             return jnp.where(live, scale * v, 0.0), metrics
 
-        estimates, metrics = jax.vmap(one_estimate)(guess_keys(key, num_guesses))
+        estimates, metrics = map_guesses(one_estimate, key, num_guesses)
         grads = unravel(jnp.mean(estimates, axis=0))
         return train.full(grads), jax.tree.map(lambda m: m[0], metrics)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from guessgrad._src.base import Array, Batch, Params, PRNGKey
 from guessgrad._src.losses import per_example_loss
 from guessgrad._src.models import Chain
-from guessgrad._src.problem import Problem, guess_keys
+from guessgrad._src.problem import Problem, guess_keys, map_guesses
 from guessgrad._src.rules import GuessRule, scale_examples, site_guess
 
 
@@ -354,11 +354,13 @@ def lean_estimator(
                     )
                 return next(iter(losses.values()))
 
-        derivatives, losses, logits = jax.vmap(
+        derivatives, losses, logits = map_guesses(
             lambda k: lean_joint_derivative(
                 fns, rule, layer_params, x0, labels, k, normalize, loss_of
-            )
-        )(keys)
+            ),
+            key,
+            num_guesses,
+        )
         grads = lean_parameter_grads(
             fns, rule, layer_params, x0, labels, keys, derivatives, normalize, loss_of
         )

@@ -159,10 +159,12 @@ class MixerBlock(nn.Module):
             mixed = nn.Dense(patches, kernel_init=ren_normal, name="token_mixing")(
                 jnp.swapaxes(h, 1, 2)
             )
+            # Normalised after the swap back: a reduction over the minor axis
+            # (over a strided one, XLA:CPU's reductions run many times slower).
             h = site(
                 self,
                 "token_mixing",
-                jnp.swapaxes(post(mixed, axis=1), 1, 2),
+                post(jnp.swapaxes(mixed, 1, 2)),
                 act=nn.relu,
                 copy_axes=1,
             )

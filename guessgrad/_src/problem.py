@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable
 
 import flax
 import jax
@@ -33,6 +34,18 @@ def guess_keys(key: PRNGKey, num_guesses: int) -> PRNGKey:
     So an estimate with K guesses is the mean of the K one-guess estimates at these keys.
     """
     return key[None] if num_guesses == 1 else jax.random.split(key, num_guesses)
+
+
+def map_guesses(one_estimate: Callable, key: PRNGKey, num_guesses: int):
+    """``one_estimate`` at every key of :func:`guess_keys`, stacked on a leading axis.
+
+    One guess calls it once, unbatched: a unit batch axis from ``vmap`` would
+    reach every array of the step, and XLA:CPU runs reductions over arrays
+    with a leading unit axis several times slower.
+    """
+    if num_guesses == 1:
+        return jax.tree.map(lambda x: x[None], one_estimate(key))
+    return jax.vmap(one_estimate)(jax.random.split(key, num_guesses))
 
 
 DROPOUT_SALT = 0x64726F70  # the model's "dropout" rng: fold_in(key, this)
