@@ -28,15 +28,16 @@ class DropoutMLP(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    """Dense in, two pre-norm residual blocks (LayerNorm, dense, ReLU, dense), dense out."""
+    """Dense in, pre-norm residual blocks (LayerNorm, dense, ReLU, dense), dense out."""
 
     width: int = 8
+    depth: int = 2
 
     @nn.compact
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)
         h = gg.site(self, "embed", nn.Dense(self.width)(x), act=nn.relu)
-        for i in range(2):
+        for i in range(self.depth):
             y = nn.LayerNorm()(h)
             y = gg.site(self, f"hidden_{i}", nn.Dense(self.width)(y), act=nn.relu)
             h = h + nn.Dense(self.width)(y)

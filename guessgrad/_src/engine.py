@@ -7,7 +7,7 @@ linearised in the trainable parameters and the perturbations
 
 * joint mode: every site's guess at once gives the per-example (per-copy)
   loss derivatives, ``d_b = sum_l <dl_b/ds_l, y_{l,b}>``; the uncut
-  forward's tangent is rebuilt hop by hop from site to site;
+  forward's tangent is rebuilt in one ordered pass over the map;
 * per-layer mode: a tangent at site ``l`` only; nothing upstream of ``l``
   is touched, so the work is triangular;
 * a rule's pull and push (W^T, downstream, W-perp) are the transpose and
@@ -324,6 +324,84 @@ class _Hops:
         for eqn in constant_eqns:
             if set(eqn.outvars) & needed:
                 _bind(eqn, [_read(self.env, v) for v in eqn.invars], self.env)
+        self.sweeps = self._sweep_order()
+
+    def _sweep_order(self) -> dict | None:
+        """``{input var: its site's value-tangent output}``, if one ordered pass can feed it.
+
+        :meth:`sweep` binds input ``q_m`` when an equation first reads it, to
+        site m's own tangent plus the value tangent arriving at site m. That
+        needs the value tangent complete by then: its equation must come
+        before the first reader of ``q_m`` (not so when one nested equation,
+        a ``remat`` block, both reads ``q_m`` and computes site m's value).
+        None when some input fails this.
+        """
+        positions = jax.tree.unflatten(self.out_tree, range(self.out_tree.num_leaves))
+        value_positions = positions[1]
+        producer = {v: i for i, e in enumerate(self.jaxpr.eqns) for v in e.outvars}
+        first_reader = {}
+        for i, eqn in enumerate(self.jaxpr.eqns):
+            for v in eqn.invars:
+                if _is_var(v):
+                    first_reader.setdefault(v, i)
+        inputs = set(self.jaxpr.invars)
+        incoming = {}
+        for name, var in zip(self.in_names, self.jaxpr.invars):
+            out = self.jaxpr.outvars[value_positions[name]]
+            if not _is_var(out) or out not in self.tangent:
+                continue  # nothing arrives at this site
+            if out in inputs or producer[out] >= first_reader.get(var, len(producer)):
+                return None
+            incoming[var] = out
+        return incoming
+
+    def sweep(self, own: Mapping[str, Array]):
+        """The uncut forward's tangents in one ordered pass over the map (see :meth:`_sweep_order`).
+
+        Site m's input is its own tangent ``own[m]`` (if given) plus the
+        value tangent the pass has carried to it, so a tangent entering at
+        site l crosses every later site as the uncut forward's would. Each
+        equation runs at most once: a residual stream costs one tangent pass,
+        where hop-by-hop it costs one per site. Outputs nothing reaches are None.
+        """
+        env, live = dict(self.env), set()
+        names = dict(zip(self.jaxpr.invars, self.in_names))
+        pending = set(self.jaxpr.invars)
+
+        def bind_input(var):
+            pending.discard(var)
+            parts = [own[names[var]]] if names[var] in own else []
+            arriving = self.sweeps.get(var)
+            if arriving is not None and arriving in live:
+                parts.insert(0, env[arriving])
+            if parts:
+                env[var] = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+                live.add(var)
+
+        for eqn in self.jaxpr.eqns:
+            for v in eqn.invars:
+                if _is_var(v) and v in pending:
+                    bind_input(v)
+            self._run(eqn, env, live)
+        for v in list(pending):
+            bind_input(v)
+        outs = [
+            env[v] if _is_var(v) and v in live else None for v in self.jaxpr.outvars
+        ]
+        return jax.tree.unflatten(self.out_tree, outs)
+
+    def _run(self, eqn, env, live) -> None:
+        """Bind ``eqn`` if a live tangent reaches it (other inputs' tangents: zero)."""
+        if not any(_is_var(v) and v in live for v in eqn.invars):
+            return
+        args = [
+            jnp.zeros(v.aval.shape, v.aval.dtype)
+            if _is_var(v) and v in self.tangent and v not in live
+            else _read(env, v)
+            for v in eqn.invars
+        ]
+        _bind(eqn, args, env)
+        live.update(eqn.outvars)
 
     def one_pass_is_cheaper(self, sources, per_layer: bool) -> bool:
         """Whether hops from ``sources`` cost no more than a separate forward and uncut tangent pass.
@@ -337,6 +415,8 @@ class _Hops:
         Costs are multiply-adds of matrix products and elements elsewhere,
         counted on the map's jaxpr; the forward is counted as its tangent.
         """
+        if self.sweeps is not None:
+            return True  # one ordered pass: the uncut tangent's cost
         positions = jax.tree.unflatten(self.out_tree, range(self.out_tree.num_leaves))
         value_positions = positions[1]
         costs = [_eqn_cost(e) for e in self.jaxpr.eqns]
@@ -382,16 +462,7 @@ class _Hops:
                 env[var] = inputs[name]
                 live.add(var)
         for eqn in self.jaxpr.eqns:
-            if not any(_is_var(v) and v in live for v in eqn.invars):
-                continue
-            args = [
-                jnp.zeros(v.aval.shape, v.aval.dtype)  # another input's tangent: zero
-                if _is_var(v) and v in self.tangent and v not in live
-                else _read(env, v)
-                for v in eqn.invars
-            ]
-            _bind(eqn, args, env)
-            live.update(eqn.outvars)
+            self._run(eqn, env, live)
         outs = [
             env[v] if _is_var(v) and v in live else None for v in self.jaxpr.outvars
         ]
@@ -457,11 +528,12 @@ def fused_linearize(
 
     * tangents (``ctx.lin``): with the sites cut, a tangent ``dq_l`` reaches
       only the sites and losses directly downstream of site ``l`` (one hop).
-      The uncut forward's tangent is rebuilt hop by hop in forward order:
-      site ``m``'s value tangent is the sum of the hops reaching it, plus its
-      own perturbation, and is sent on as ``dq_m``. Only hops from reached
-      sites are taken (found from the map's jaxpr), so the work is the
-      tangent's and no more.
+      The uncut forward's tangent is rebuilt in one ordered pass over the
+      map (:meth:`_Hops.sweep`): site ``m``'s input ``dq_m`` is its own
+      perturbation plus the value tangent arriving at it, so the work is
+      one tangent pass, residual streams included. Where a nested equation
+      (a ``remat`` block) holds both, hop by hop in forward order: site
+      ``m``'s value tangent is the sum of the hops reaching it.
     * parameter estimates (``param_grads``): the transpose in ``d theta``
       of the same map, with cotangents ``g_l / B`` at the guessed sites' raw
       values and the exact mean-loss cotangent at each loss reached without
@@ -512,7 +584,11 @@ def fused_linearize(
         """The uncut forward's ``(loss tangents, value tangents)`` for site tangents ``tangents``."""
         loss_t: dict[str, Array] = {}
         value_t: dict[str, Array] = {}
-        for info in infos:
+        if hops.sweeps is not None:
+            swept_loss, swept_value = hops.sweep(tangents)
+            loss_t = {n: t for n, t in swept_loss.items() if t is not None}
+            value_t = {n: t for n, t in swept_value.items() if t is not None}
+        for info in infos if hops.sweeps is None else ():
             path = info.path
             incoming, own = value_t.get(path), tangents.get(path)
             if incoming is None and own is None:
@@ -587,7 +663,8 @@ def step_context(
       update is a VJP of the cut forward in the trainable part only, whose
       residuals are few (a prompt's): what keeps a guessed prompt-tuning
       step at a fraction of backprop's memory;
-    * its hops would cost more than a second forward (a residual stream
+    * no ordered pass feeds every site (a site inside a ``remat`` block)
+      and its hops would cost more than a second forward (a residual stream
       that bypasses the sites, :meth:`_Hops.one_pass_is_cheaper`): then
       :func:`linearize` of the uncut forward and the cut VJP.
 
