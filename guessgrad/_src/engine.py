@@ -302,6 +302,9 @@ class _Hops:
         self.jaxpr = jaxpr = closed.jaxpr
         self.out_tree = jax.tree.structure(shapes)
         self.in_names = list(jax.tree.structure(example).node_data()[1])
+        # {value name: its position in the flat outputs (loss tangents, value tangents)}
+        positions = jax.tree.unflatten(self.out_tree, range(self.out_tree.num_leaves))
+        self.value_positions = positions[1]
         tangent = set(jaxpr.invars)
         for eqn in jaxpr.eqns:
             if any(_is_var(v) and v in tangent for v in eqn.invars):
@@ -336,8 +339,6 @@ class _Hops:
         a ``remat`` block, both reads ``q_m`` and computes site m's value).
         None when some input fails this.
         """
-        positions = jax.tree.unflatten(self.out_tree, range(self.out_tree.num_leaves))
-        value_positions = positions[1]
         producer = {v: i for i, e in enumerate(self.jaxpr.eqns) for v in e.outvars}
         first_reader = {}
         for i, eqn in enumerate(self.jaxpr.eqns):
@@ -347,7 +348,7 @@ class _Hops:
         inputs = set(self.jaxpr.invars)
         incoming = {}
         for name, var in zip(self.in_names, self.jaxpr.invars):
-            out = self.jaxpr.outvars[value_positions[name]]
+            out = self.jaxpr.outvars[self.value_positions[name]]
             if not _is_var(out) or out not in self.tangent:
                 continue  # nothing arrives at this site
             if out in inputs or producer[out] >= first_reader.get(var, len(producer)):
@@ -370,12 +371,13 @@ class _Hops:
 
         def bind_input(var):
             pending.discard(var)
-            parts = [own[names[var]]] if names[var] in own else []
+            tangent = own.get(names[var])
             arriving = self.sweeps.get(var)
             if arriving is not None and arriving in live:
-                parts.insert(0, env[arriving])
-            if parts:
-                env[var] = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+                arriving = env[arriving]
+                tangent = arriving if tangent is None else arriving + tangent
+            if tangent is not None:
+                env[var] = tangent
                 live.add(var)
 
         for eqn in self.jaxpr.eqns:
@@ -417,8 +419,7 @@ class _Hops:
         """
         if self.sweeps is not None:
             return True  # one ordered pass: the uncut tangent's cost
-        positions = jax.tree.unflatten(self.out_tree, range(self.out_tree.num_leaves))
-        value_positions = positions[1]
+        value_positions = self.value_positions
         costs = [_eqn_cost(e) for e in self.jaxpr.eqns]
         slices, reaches = {}, {}
         for name, var in zip(self.in_names, self.jaxpr.invars):
@@ -572,23 +573,19 @@ def fused_linearize(
         lambda dq: jax.jvp(lambda q: full(zero_part, q), (zeros,), (dq,))[1], zeros
     )
 
-    def hop(path: str, tangent: Array):
-        """The outputs one hop from site ``path`` reaches: ``({loss: t}, {value: t})``."""
-        loss_t, value_t = hops({path: tangent})
+    def reached(outputs):
+        """``({loss: t}, {value: t})`` without the outputs no tangent reached (None)."""
+        loss_t, value_t = outputs
         return (
             {n: t for n, t in loss_t.items() if t is not None},
             {n: t for n, t in value_t.items() if t is not None},
         )
 
-    def lin(tangents, with_primal=False):
-        """The uncut forward's ``(loss tangents, value tangents)`` for site tangents ``tangents``."""
+    def hop_by_hop(tangents):
+        """Site by site in forward order, each sending on what reached it plus its own tangent."""
         loss_t: dict[str, Array] = {}
         value_t: dict[str, Array] = {}
-        if hops.sweeps is not None:
-            swept_loss, swept_value = hops.sweep(tangents)
-            loss_t = {n: t for n, t in swept_loss.items() if t is not None}
-            value_t = {n: t for n, t in swept_value.items() if t is not None}
-        for info in infos if hops.sweeps is None else ():
+        for info in infos:
             path = info.path
             incoming, own = value_t.get(path), tangents.get(path)
             if incoming is None and own is None:
@@ -596,11 +593,19 @@ def fused_linearize(
             sent = (
                 own if incoming is None else incoming if own is None else incoming + own
             )
-            hop_loss, hop_value = hop(path, sent)
+            hop_loss, hop_value = reached(hops({path: sent}))
             for name, t in hop_loss.items():
                 loss_t[name] = t if name not in loss_t else loss_t[name] + t
             for name, t in hop_value.items():
                 value_t[name] = t if name not in value_t else value_t[name] + t
+        return loss_t, value_t
+
+    def lin(tangents, with_primal=False):
+        """The uncut forward's ``(loss tangents, value tangents)`` for site tangents ``tangents``."""
+        if hops.sweeps is not None:
+            loss_t, value_t = reached(hops.sweep(tangents))
+        else:
+            loss_t, value_t = hop_by_hop(tangents)
         loss_t = {
             n: loss_t[n] if n in loss_t else jnp.zeros_like(v)
             for n, v in losses.items()

@@ -45,7 +45,7 @@ def map_guesses(one_estimate: Callable, key: PRNGKey, num_guesses: int):
     """
     if num_guesses == 1:
         return jax.tree.map(lambda x: x[None], one_estimate(key))
-    return jax.vmap(one_estimate)(jax.random.split(key, num_guesses))
+    return jax.vmap(one_estimate)(guess_keys(key, num_guesses))
 
 
 DROPOUT_SALT = 0x64726F70  # the model's "dropout" rng: fold_in(key, this)
