@@ -200,7 +200,9 @@ class ChainContext(NamedTuple):
 # the forward pass layer by layer, regenerates the same guesses from the same
 # keys and applies each site's local VJP at once. The order is pinned by data
 # dependences (:func:`_after`): a guess is drawn only once its site exists,
-# layer l+1 runs only after layer l's update is formed, and pass 2 starts from
+# pass 1's layer l+1 runs only after layer l's tangent is formed (else the
+# scheduler may run the whole primal chain first and keep every site alive),
+# pass 2's layer l+1 only after layer l's update is formed, and pass 2 starts from
 # pass 1's result, so XLA cannot merge the two passes, which would bring the
 # stored activations back.
 
@@ -269,7 +271,7 @@ def lean_joint_derivative(
     site = fns.site_fns[0](layer_params[0], x0)
     tangent = _lean_guess(fns, rule, layer_params, labels, 0, site, key, normalize)
     for index in range(1, fns.num_sites):
-        site, tangent = _barrier(site, tangent)
+        site, tangent = _barrier(_after(site, tangent), tangent)
 
         def step(prev_site, index=index):
             return fns.site_fns[index](layer_params[index], fns.activation(prev_site))
