@@ -19,9 +19,10 @@ With ``--ren=DIR`` (a checkout of Ren et al.'s ``local_forward_gradient``;
 see :mod:`benchmarks.ren_reference`), their own update functions run in the
 same rounds: LG-BP, LG-FG-W (weight perturbation), LG-FG-A (activity
 perturbation) and global BP. guessgrad's equivalents, on the
-``local_greedy`` objective: ``backprop``, ``directional`` and
-``activation_perturbation`` with ``mask=True, normalize=False`` (raw noise
-through the ReLU mask, as theirs), joint mode.
+``local_greedy`` objective: ``backprop``, ``directional`` with
+``exact_heads=True`` (heads and readout take their exact gradient, as
+theirs) and ``activation_perturbation`` with ``mask=True, normalize=False``
+(raw noise through the ReLU mask, as theirs), joint mode.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ flags.DEFINE_list(
     "methods",
     ["backprop", "directional", "activation_perturbation", "wt", "mixing"],
     "Estimators (activation_perturbation runs with mask=True, normalize=False, "
-    "Ren et al.'s LG-FG-A).",
+    "Ren et al.'s LG-FG-A; directional with exact_heads=True, LG-FG-W).",
 )
 flags.DEFINE_list("modes", list(gg.MODES), "Modes of the activation-space methods.")
 flags.DEFINE_string(
@@ -80,7 +81,10 @@ flags.DEFINE_string(
 )
 
 IMAGE_SHAPE, NUM_CLASSES = (32, 32, 3), 10
-METHOD_OPTIONS = {"activation_perturbation": {"mask": True, "normalize": False}}
+METHOD_OPTIONS = {
+    "activation_perturbation": {"mask": True, "normalize": False},
+    "directional": {"exact_heads": True},
+}
 # Ren et al.'s methods and guessgrad's equivalent (method, mode) on local_greedy.
 REN_EQUIVALENT = {
     "LG-BP": ("backprop", None),

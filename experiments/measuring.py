@@ -202,7 +202,14 @@ def setup(
     estimators = {"backprop": gg.get_estimator("backprop", model, **args)}
     for v in variants(config, methods):
         estimators[v.label] = gg.get_estimator(
-            v.method, model, **args, **{**v.options, **options.get(v.label, {})}
+            v.method,
+            model,
+            **args,
+            **{
+                **spec.option_defaults(v.method),
+                **v.options,
+                **options.get(v.label, {}),
+            },
         )
     metric_fn = gg.get_estimator("backprop", model, **args, has_aux=True)
 

@@ -155,6 +155,11 @@ def test_models_without_sites_are_rejected_with_a_hint_but_backprop_runs():
     # Backprop and directional need no sites: they work on any model.
     grads = gg.get_estimator("backprop", model)(params, batch, None)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
+    # Except directional with exact heads: without sites every parameter is a head.
+    with pytest.raises(ValueError, match="marks no sites"):
+        gg.get_estimator("directional", model, exact_heads=True)(
+            params, batch, jax.random.key(0)
+        )
 
 
 def test_stable_adamw_is_adamw_until_the_update_rms_exceeds_one():

@@ -447,3 +447,30 @@ def test_directional_takes_only_the_losses_each_parameter_reaches():
             got["params"][name],
             leaves,
         )
+
+
+def test_directional_with_exact_heads_perturbs_only_the_blocks():
+    """exact_heads=True (Ren et al.'s LG-FG-W): the heads and the readout take
+    backprop's gradient; block k takes (grad L_k . v) v, v drawn over the blocks only."""
+    model, params, batch = small()
+    key = jax.random.key(4)
+    got = estimate("directional", model, params, batch, key, exact_heads=True)
+    exact = estimate("backprop", model, params, batch)
+    blocks = {n: p for n, p in params["params"].items() if n.startswith("block_")}
+    assert blocks and len(blocks) < len(params["params"])
+    flat_blocks, unravel = jax.flatten_util.ravel_pytree(blocks)
+    tangent = unravel(jax.random.normal(key, flat_blocks.shape))
+
+    def mean_losses(b):
+        p = {"params": {**params["params"], **b}}
+        losses = model.apply(p, batch["image"], batch["label"])
+        return {name: jnp.mean(v) for name, v in losses.items()}
+
+    derivative = jax.jvp(mean_losses, (blocks,), (tangent,))[1]
+    for name, leaves in got["params"].items():
+        if name in blocks:
+            d = derivative[name.replace("block_", "head_")]
+            want = jax.tree.map(lambda v, d=d: d * v, tangent[name])
+        else:
+            want = exact["params"][name]
+        np.testing.assert_allclose(flat(leaves), flat(want), rtol=1e-5, atol=1e-7)

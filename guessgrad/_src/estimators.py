@@ -380,6 +380,7 @@ def directional(
     *,
     num_guesses: int = 1,
     normalize: bool = False,
+    exact_heads: bool = False,
     loss_fn: Callable | None = None,
     inputs: Callable | None = None,
     trainable=None,
@@ -401,6 +402,12 @@ def directional(
       num_guesses: K independent directions averaged per step.
       normalize: rescale ``v`` to norm ``sqrt(N)`` (uniform on the sphere:
         still unbiased).
+      exact_heads: parameters that reach a loss without passing a site
+        (local heads, readouts: "updated by loss ... (exact local gradient)"
+        in :func:`guessgrad.print_structure`) take their exact gradient
+        instead of a perturbation, as in Ren et al.'s LG-FG-W and as the
+        activation-space estimators do; the rest is perturbed. Needs a
+        model with sites (without sites every parameter would be a head).
     {problem_args}
 
     {returns}
@@ -412,27 +419,50 @@ def directional(
       Losses (2022), Section 3, https://arxiv.org/abs/2210.03310.
     """
     _check_guessing(num_guesses, "joint", False, normalize)
-    problem = Problem(model, loss_fn, inputs, trainable, need_sites=False)
+    if not isinstance(exact_heads, bool):
+        raise TypeError(f"exact_heads must be True or False, got {exact_heads!r}.")
+    problem = Problem(model, loss_fn, inputs, trainable, need_sites=exact_heads)
     setup = exact_loss(problem, analyse=True)
 
     def estimate(params, batch, key):
         loss, train, structure = setup(params, batch, key)
-        flat, unravel = ravel_pytree(train.part)
-        names = list(structure.losses)
+        leaves, treedef = jax.tree.flatten(train.part)
         reached = trainable_losses_reached(structure)
-        sizes = [leaf.size for leaf in jax.tree.leaves(train.part)]
+        owners = [o for o, m in zip(structure.owners, structure.trainable) if m]
+        head = [
+            exact_heads and all(o.startswith("loss:") for o in own) for own in owners
+        ]
+        perturbed = [leaf for leaf, h in zip(leaves, head) if not h]
+        heads = [leaf for leaf, h in zip(leaves, head) if h]
+        reached = [r for r, h in zip(reached, head) if not h]
+        flat, unravel = ravel_pytree(perturbed)
+        names = list(structure.losses)
+        sizes = [leaf.size for leaf in perturbed]
         live = np.repeat([bool(r) for r in reached], sizes)
+
+        def merged(perturbed, heads):
+            it_p, it_h = iter(perturbed), iter(heads)
+            return treedef.unflatten([next(it_h if h else it_p) for h in head])
+
+        def loss_and_head_grads(perturbed):
+            """The loss at ``perturbed``, and its exact gradient w.r.t. the heads."""
+            if not heads:
+                return loss(merged(perturbed, [])), []
+            return jax.value_and_grad(
+                lambda h: loss(merged(perturbed, h)), has_aux=True
+            )(heads)
 
         def one_estimate(guess_key):
             v = jax.random.normal(guess_key, flat.shape, flat.dtype)
             if normalize:
                 v = v * jnp.sqrt(v.size) / jnp.linalg.norm(v)
-            tangent = unravel(v)
-            (_, metrics), (derivative, per_loss) = jax.jvp(
-                loss, (train.part,), (tangent,)
+            # The heads' gradients come from the primal pass of the same JVP
+            # (their tangents are never used: XLA drops them).
+            ((_, metrics), head_grads), ((derivative, per_loss), _) = jax.jvp(
+                loss_and_head_grads, (perturbed,), (unravel(v),)
             )
             if len(names) == 1 or not sizes:
-                return derivative * v, metrics
+                return derivative * v, head_grads, metrics
             # Each leaf's share, as one flat scale (slicing v per leaf and
             # concatenating would let XLA regenerate v once per leaf).
             scale = jnp.concatenate(
@@ -444,10 +474,10 @@ def directional(
                     for r, size in zip(reached, sizes)
                 ]
             )
-            return jnp.where(live, scale * v, 0.0), metrics
+            return jnp.where(live, scale * v, 0.0), head_grads, metrics
 
-        estimates, metrics = map_guesses(one_estimate, key, num_guesses)
-        grads = unravel(jnp.mean(estimates, axis=0))
+        estimates, head_grads, metrics = map_guesses(one_estimate, key, num_guesses)
+        grads = merged(unravel(jnp.mean(estimates, axis=0)), [g[0] for g in head_grads])
         return train.full(grads), jax.tree.map(lambda m: m[0], metrics)
 
     return _finish(estimate, has_aux, "directional")

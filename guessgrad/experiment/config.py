@@ -237,7 +237,7 @@ def _build_estimator(method, options, spec, num_classes):
         method,
         spec.build(num_classes),
         **spec.estimator_args(),
-        **dict(options),
+        **{**spec.option_defaults(method), **dict(options)},
         has_aux=True,
     )
 
@@ -259,8 +259,13 @@ def config_record(config: Config) -> dict[str, Any]:
 
 
 def resolved_options(config: Config) -> dict[str, Any]:
-    """Every option of the estimator: ``config.options`` over the estimator's defaults."""
-    return {**gg.estimator_options(config.method), **dict(config.options)}
+    """Every option of the estimator: ``config.options`` over the model's defaults
+    (:meth:`ModelSpec.option_defaults`) over the estimator's."""
+    return {
+        **gg.estimator_options(config.method),
+        **config.model.option_defaults(config.method),
+        **dict(config.options),
+    }
 
 
 def _jsonable(obj: Any) -> Any:

@@ -46,6 +46,11 @@ class ModelSpec:
         trainable = self.trainable()
         return {} if trainable is None else {"trainable": trainable}
 
+    def option_defaults(self, method: str) -> dict[str, Any]:
+        """Estimator options this model trains ``method`` with unless the config sets them."""
+        del method
+        return {}
+
     def trainable(self):
         """None (every parameter learns) or ``params -> tree of bools``: the leaves that learn.
 
@@ -136,6 +141,15 @@ class LocalMixerSpec(ModelSpec):
 
     def estimator_args(self) -> dict[str, Any]:
         return dict(gg.models.local_mixer_args())
+
+    def option_defaults(self, method: str) -> dict[str, Any]:
+        # Heads and readout train with their exact local gradient (Ren et al.):
+        # weight perturbation perturbs only the blocks (LG-FG-W).
+        return (
+            {"exact_heads": True}
+            if "exact_heads" in gg.estimator_options(method)
+            else {}
+        )
 
     @property
     def label(self) -> str:
