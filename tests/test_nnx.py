@@ -450,7 +450,7 @@ def test_sites_inside_nnx_remat_give_the_plain_models_estimate(method):
         "logits",
     ]
     key = jax.random.key(3)
-    expected = gg.get_estimator(method, plain, **options)(params, batch, key)
+    expected = jax.jit(gg.get_estimator(method, plain, **options))(params, batch, key)
     estimate = gg.get_estimator(method, rematted, **options)
     assert "remat" in str(
         jax.make_jaxpr(estimate)(params, batch, key)
