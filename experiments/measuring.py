@@ -156,7 +156,8 @@ class Variant:
 
 
 def variants(config, methods: Sequence[str]) -> list[Variant]:
-    """Each method with the options of ``config`` it takes, once per ``--mode`` if it has modes.
+    """Each method with the options of ``config`` it takes (over its model's defaults),
+    once per ``--mode`` if it has modes.
 
     With one mode a variant's label is the method's name; with several,
     ``"<method> (<mode>)"``. An option set that no method takes is a ValueError.
@@ -164,9 +165,13 @@ def variants(config, methods: Sequence[str]) -> list[Variant]:
     chosen = modes(config)
     given = {name: value for name, value in config.options.items() if value is not None}
     experiment.check_options(methods or ["backprop"], given)
+    spec = model_spec(config)
     out = []
     for method in methods:
-        options = experiment.options_for(method, given)
+        options = {
+            **spec.option_defaults(method),
+            **experiment.options_for(method, given),
+        }
         if "mode" not in gg.estimator_options(method):
             out.append(Variant(method, method, options))
             continue
@@ -205,11 +210,7 @@ def setup(
             v.method,
             model,
             **args,
-            **{
-                **spec.option_defaults(v.method),
-                **v.options,
-                **options.get(v.label, {}),
-            },
+            **{**v.options, **options.get(v.label, {})},
         )
     metric_fn = gg.get_estimator("backprop", model, **args, has_aux=True)
 

@@ -224,7 +224,7 @@ def estimator(config: Config, num_classes: int):
     (validation and the train step share it), unless an option's value
     cannot be hashed.
     """
-    key = (config.method, tuple(sorted(dict(config.options).items())), config.model)
+    key = (config.method, tuple(sorted(_set_options(config).items())), config.model)
     try:
         hash(key)
     except TypeError:
@@ -237,7 +237,7 @@ def _build_estimator(method, options, spec, num_classes):
         method,
         spec.build(num_classes),
         **spec.estimator_args(),
-        **{**spec.option_defaults(method), **dict(options)},
+        **dict(options),
         has_aux=True,
     )
 
@@ -261,11 +261,13 @@ def config_record(config: Config) -> dict[str, Any]:
 def resolved_options(config: Config) -> dict[str, Any]:
     """Every option of the estimator: ``config.options`` over the model's defaults
     (:meth:`ModelSpec.option_defaults`) over the estimator's."""
-    return {
-        **gg.estimator_options(config.method),
-        **config.model.option_defaults(config.method),
-        **dict(config.options),
-    }
+    return {**gg.estimator_options(config.method), **_set_options(config)}
+
+
+def _set_options(config: Config) -> dict[str, Any]:
+    """The options ``config`` trains with besides the estimator's defaults: its
+    ``options`` over its model's (:meth:`ModelSpec.option_defaults`)."""
+    return {**config.model.option_defaults(config.method), **dict(config.options)}
 
 
 def _jsonable(obj: Any) -> Any:
