@@ -485,7 +485,13 @@ def test_two_runs_on_one_workdir_one_is_refused_and_the_metrics_stay_one_run(
     while not (metrics.exists() and '"train"' in metrics.read_text()):
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.05)
-    second = cli(*_LONG, f"--workdir={tmp_path}", "--resume")
+    # The first run is paused (alive, holding the workdir) while the second
+    # starts: else it may finish its few thousand small steps first.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = cli(*_LONG, f"--workdir={tmp_path}", "--resume")
+    finally:
+        first.send_signal(signal.SIGCONT)
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=120)
     assert second.returncode == 1
