@@ -373,6 +373,10 @@ def backprop(
     return _finish(estimate, has_aux, "backprop")
 
 
+def _zeros(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
 @nnx_bridge.estimator_factory
 @_documented
 def directional(
@@ -444,23 +448,28 @@ def directional(
             it_p, it_h = iter(perturbed), iter(heads)
             return treedef.unflatten([next(it_h if h else it_p) for h in head])
 
-        def loss_and_head_grads(perturbed):
-            """The loss at ``perturbed``, and its exact gradient w.r.t. the heads."""
-            if not heads:
-                return loss(merged(perturbed, [])), []
-            return jax.value_and_grad(
-                lambda h: loss(merged(perturbed, h)), has_aux=True
-            )(heads)
-
         def one_estimate(guess_key):
             v = jax.random.normal(guess_key, flat.shape, flat.dtype)
             if normalize:
                 v = v * jnp.sqrt(v.size) / jnp.linalg.norm(v)
-            # The heads' gradients come from the primal pass of the same JVP
-            # (their tangents are never used: XLA drops them).
-            ((_, metrics), head_grads), ((derivative, per_loss), _) = jax.jvp(
-                loss_and_head_grads, (perturbed,), (unravel(v),)
-            )
+            if not heads:
+                (_, metrics), (derivative, per_loss) = jax.jvp(
+                    lambda p: loss(merged(p, [])), (perturbed,), (unravel(v),)
+                )
+                head_grads = []
+            else:
+                # One linearisation serves both: the tangent along v, and the
+                # heads' exact gradient by transposing it along the heads
+                # only. (A gradient over the heads inside the JVP computes
+                # the same, but XLA then keeps every head's input alive
+                # until the tangent pass ends: +63 MB on LocalMixer M/8/16.)
+                (_, metrics), linear = jax.linearize(
+                    lambda p, h: loss(merged(p, h)), perturbed, heads
+                )
+                derivative, per_loss = linear(unravel(v), _zeros(heads))
+                (head_grads,) = jax.linear_transpose(
+                    lambda h: linear(_zeros(perturbed), h)[0], heads
+                )(jnp.ones_like(derivative))
             if len(names) == 1 or not sizes:
                 return derivative * v, head_grads, metrics
             # Each leaf's share, as one flat scale (slicing v per leaf and
