@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from guessgrad._src import engine, nnx_bridge
@@ -373,10 +374,6 @@ def backprop(
     return _finish(estimate, has_aux, "backprop")
 
 
-def _zeros(tree):
-    return jax.tree.map(jnp.zeros_like, tree)
-
-
 @nnx_bridge.estimator_factory
 @_documented
 def directional(
@@ -452,7 +449,7 @@ def directional(
             v = jax.random.normal(guess_key, flat.shape, flat.dtype)
             if normalize:
                 v = v * jnp.sqrt(v.size) / jnp.linalg.norm(v)
-            if not heads:
+            if not heads:  # one JVP: no residuals to keep
                 (_, metrics), (derivative, per_loss) = jax.jvp(
                     lambda p: loss(merged(p, [])), (perturbed,), (unravel(v),)
                 )
@@ -466,9 +463,9 @@ def directional(
                 (_, metrics), linear = jax.linearize(
                     lambda p, h: loss(merged(p, h)), perturbed, heads
                 )
-                derivative, per_loss = linear(unravel(v), _zeros(heads))
+                derivative, per_loss = linear(unravel(v), optax.tree.zeros_like(heads))
                 (head_grads,) = jax.linear_transpose(
-                    lambda h: linear(_zeros(perturbed), h)[0], heads
+                    lambda h: linear(optax.tree.zeros_like(perturbed), h)[0], heads
                 )(jnp.ones_like(derivative))
             if len(names) == 1 or not sizes:
                 return derivative * v, head_grads, metrics
